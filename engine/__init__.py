@@ -1,0 +1,29 @@
+"""The actor runtime: mailboxes, request/reply, supervisor, actors, backends."""
+
+from .config import EngineConfig
+from .core import Engine
+from .errors import (
+    ActorCrashedError,
+    BackendError,
+    ConfigError,
+    EngineClosedError,
+    EngineFailedError,
+    IngestError,
+    KustoCheckpointError,
+    PermanentBackendError,
+    TransientBackendError,
+)
+
+__all__ = [
+    "ActorCrashedError",
+    "BackendError",
+    "ConfigError",
+    "Engine",
+    "EngineClosedError",
+    "EngineConfig",
+    "EngineFailedError",
+    "IngestError",
+    "KustoCheckpointError",
+    "PermanentBackendError",
+    "TransientBackendError",
+]

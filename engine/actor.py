@@ -1,0 +1,87 @@
+"""The actor base: one task, one mailbox, state that only it touches.
+
+An actor is an *incarnation*: the supervisor builds a new one after a crash.
+What must survive a crash (rows not yet ingested, the read overlay) lives in a
+``state`` object the engine owns and hands to every incarnation; what may be
+lost (a cache) lives on the incarnation. Work that waits on I/O runs in child
+tasks of the actor's task group and reports back through the actor's own
+mailbox, so the actor's loop never waits on the backend.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .errors import ActorCrashedError
+from .mailbox import Mailbox, Message
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+class InjectedCrash(Exception):
+    """Raised inside an actor by a :class:`Crash` message (fault injection)."""
+
+
+class Crash(Message):
+    """Makes the receiving actor raise: a real crash through the real mailbox."""
+
+    __slots__ = ()
+    redeliverable = False
+
+
+class Actor:
+    name = "actor"
+
+    def __init__(self, runtime: Runtime, mailbox: Mailbox, state: Any) -> None:
+        self.runtime = runtime
+        self.mailbox = mailbox
+        self.state = state
+        self.in_hand: Any = None
+        self.tg: TaskGroup | None = None
+
+    async def run(self) -> None:
+        """Serve the mailbox until it is closed and drained."""
+        async with anyio.create_task_group() as tg:
+            self.tg = tg
+            await self.on_start()
+            try:
+                while True:
+                    try:
+                        msg = await self.mailbox.receive()
+                    except (anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+                    self.in_hand = msg
+                    if isinstance(msg, Crash):
+                        raise InjectedCrash(f"injected crash in {self.name}")
+                    await self.handle(msg)
+                    self.in_hand = None
+                await self.on_stop()
+            finally:
+                self.tg = None
+            tg.cancel_scope.cancel()
+
+    async def on_start(self) -> None:
+        """Called at the start of every incarnation (resume work kept in state)."""
+
+    async def on_stop(self) -> None:
+        """Called once the mailbox is closed and drained."""
+
+    async def handle(self, msg: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_crash(self, error: BaseException) -> None:
+        """Deal with the message in hand: deliver it once more, or fail it back."""
+        msg, self.in_hand = self.in_hand, None
+        if msg is None or not isinstance(msg, Message):
+            return
+        if msg.redeliverable and msg.attempts < 1:
+            msg.attempts += 1
+            self.mailbox.redeliver(msg)
+        elif msg.reply is not None:
+            msg.reply.fail(
+                ActorCrashedError(f"{self.name} crashed while handling {type(msg).__name__}: {error!r}")
+            )

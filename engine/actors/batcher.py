@@ -1,0 +1,144 @@
+"""Batcher: groups rows per table by count, bytes and age, and hands batches on.
+
+Every put passes through here first. The batcher tells the query cache about
+the put's records (``Accept``; the cache answers the caller, so a read that
+follows the put always sees it), buffers the rows, and sends full batches to
+the ingestor. Sending blocks while the ingestor is busy; while it blocks the
+batcher reads no more puts, its mailbox fills, and callers block: that is the
+backpressure. Bytes held by the batcher are capped at
+``config.batcher_buffer_bytes``, so everything accepted and not yet ingested
+stays within ``config.max_buffered_bytes``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ..actor import Actor
+from ..messages import Accept, Batch, Drain, Flush, IngestBatch, Put, Tick, Ticket
+
+
+@dataclass
+class TableBuffer:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    tickets: list[Ticket] = field(default_factory=list)
+    nbytes: int = 0
+    oldest: float = 0.0
+
+
+@dataclass
+class BatcherState:
+    buffers: dict[str, TableBuffer] = field(default_factory=dict)
+    buffered_bytes: int = 0
+    #: a batch taken from the buffers whose hand-over to the ingestor is not done
+    outgoing: Batch | None = None
+    next_batch_id: int = 1
+    peak_buffered_bytes: int = 0
+    rows_in: int = 0
+    #: total bytes handed to the ingestor (minus what it received = queued)
+    handed_bytes: int = 0
+
+
+class Batcher(Actor):
+    name = "batcher"
+    state: BatcherState
+
+    async def on_start(self) -> None:
+        if self.state.outgoing is not None:
+            await self._hand_over(self.state.outgoing)
+
+    async def handle(self, msg: Any) -> None:
+        if isinstance(msg, Put):
+            await self._put(msg)
+        elif isinstance(msg, Tick):
+            await self._flush_aged()
+        elif isinstance(msg, Flush):
+            await self._flush_all()
+            await self.runtime.mailbox("ingestor").send(Drain(msg.reply))
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"batcher got {msg!r}")
+
+    async def _put(self, msg: Put) -> None:
+        st = self.state
+        cfg = self.runtime.config
+        if st.buffered_bytes and st.buffered_bytes + msg.nbytes > cfg.batcher_buffer_bytes:
+            await self._flush_all()
+        await self.runtime.mailbox("cache").send(Accept(msg.records, msg.reply, msg.update_views))
+        now = time.monotonic()
+        full: set[str] = set()
+        for table, row, seq, nbytes in msg.rows:
+            buf = st.buffers.get(table)
+            if buf is None:
+                buf = st.buffers[table] = TableBuffer()
+            if not buf.rows:
+                buf.oldest = now
+            elif buf.nbytes + nbytes > cfg.max_batch_bytes:
+                await self._send(table, buf)
+                buf = st.buffers[table]
+                buf.oldest = now
+            buf.rows.append(row)
+            buf.seqs.append(seq)
+            if msg.ticket is not None:
+                buf.tickets.append(msg.ticket)
+            buf.nbytes += nbytes
+            st.buffered_bytes += nbytes
+            st.rows_in += 1
+            if len(buf.rows) >= cfg.batch_size or buf.nbytes >= cfg.max_batch_bytes:
+                full.add(table)
+        if st.buffered_bytes > st.peak_buffered_bytes:
+            st.peak_buffered_bytes = st.buffered_bytes
+        for table in full:
+            buf = st.buffers[table]
+            if buf.rows:
+                await self._send(table, buf)
+
+    async def _flush_aged(self) -> None:
+        limit = time.monotonic() - self.runtime.config.flush_interval
+        for table, buf in list(self.state.buffers.items()):
+            if buf.rows and buf.oldest <= limit:
+                await self._send(table, buf)
+
+    async def _flush_all(self) -> None:
+        for table in list(self.state.buffers):
+            buf = self.state.buffers[table]
+            if buf.rows:
+                await self._send(table, buf)
+
+    async def _send(self, table: str, buf: TableBuffer) -> None:
+        st = self.state
+        batch = Batch(
+            batch_id=st.next_batch_id,
+            table=table,
+            rows=buf.rows,
+            seqs=buf.seqs,
+            tickets=buf.tickets,
+            nbytes=buf.nbytes,
+        )
+        st.next_batch_id += 1
+        st.buffers[table] = TableBuffer()
+        st.outgoing = batch
+        await self._hand_over(batch)
+
+    async def _hand_over(self, batch: Batch) -> None:
+        await self.runtime.mailbox("ingestor").send(IngestBatch(batch))
+        self.state.outgoing = None
+        self.state.buffered_bytes -= batch.nbytes
+        self.state.handed_bytes += batch.nbytes
+
+
+async def ticker(runtime: Any, interval: float) -> None:
+    """Wakes the batcher so rows older than ``flush_interval`` leave on time."""
+    mailbox = runtime.mailbox("batcher")
+    while not mailbox.closed:
+        await anyio.sleep(interval)
+        try:
+            mailbox.send_nowait(Tick())
+        except anyio.WouldBlock:
+            pass  # the batcher is busy; full batches leave anyway
+        except Exception:  # noqa: BLE001 - closed: the engine is stopping
+            return

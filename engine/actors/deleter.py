@@ -1,0 +1,201 @@
+"""Deleter: delete_thread, delete_for_runs, prune, copy_thread, and compaction.
+
+A deletion is a tombstone record. It travels the same road as every write
+(batcher, then the query cache's overlay), so it masks reads the moment the
+caller's call returns, and it becomes durable once ingested: reads honour the
+Tombstones table across restarts and processes. Later, compaction removes the
+covered rows physically with ``.delete table T records <| ...``, one table at a
+time (Kusto forbids parallel soft deletes on one table), in batches.
+
+Operations that must read first (prune, copy_thread) run in child tasks, so
+the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from .. import kql
+from ..actor import Actor
+from ..errors import KustoCheckpointError
+from ..messages import (
+    Compact,
+    CopyThread,
+    DeleteRuns,
+    DeleterState,
+    DeleteThreads,
+    Prune,
+    Put,
+    Read,
+    ReadSpec,
+    Ticket,
+)
+from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, next_seq, now_us
+from ..schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, WRITES
+
+
+def make_put(runtime: Any, records: list[Record], reply: Any, *, ticket_reply: Any = None, update_views: bool = True) -> Put:
+    """Build a batcher ``Put`` from records (runs in the sender's task)."""
+    cell = runtime.config.cell_limit
+    rows: list[tuple[str, dict[str, Any], int, int]] = []
+    nbytes = 0
+    for rec in records:
+        if not rec.seq:
+            rec.seq = next_seq()
+        for row in rec.rows(cell):
+            size = len(row.get("payload") or "") + 200
+            rows.append((rec.table, row, rec.seq, size))
+            nbytes += size
+    ticket = Ticket(len(rows), ticket_reply) if ticket_reply is not None else None
+    return Put(records, rows, nbytes, reply, ticket, update_views)
+
+
+class Deleter(Actor):
+    name = "deleter"
+    state: DeleterState
+
+    _compacting = False
+
+    async def on_start(self) -> None:
+        assert self.tg is not None
+        if self.runtime.config.compaction_interval > 0:
+            self.tg.start_soon(self._compaction_ticker)
+
+    async def handle(self, msg: Any) -> None:
+        assert self.tg is not None
+        if isinstance(msg, DeleteThreads):
+            at = now_us()
+            tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at) for t in msg.thread_ids]
+            await self._write_tombstones(tombs, msg.reply)
+        elif isinstance(msg, DeleteRuns):
+            at = now_us()
+            tombs = [TombstoneRec(SCOPE_RUN, run_id=r, deleted_at=at) for r in msg.run_ids]
+            await self._write_tombstones(tombs, msg.reply)
+        elif isinstance(msg, Prune):
+            self.tg.start_soon(self._prune, msg)
+        elif isinstance(msg, CopyThread):
+            self.tg.start_soon(self._copy, msg)
+        elif isinstance(msg, Compact):
+            if not self._compacting:
+                self._compacting = True
+                self.tg.start_soon(self._compact)
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"deleter got {msg!r}")
+
+    async def _write_tombstones(self, tombs: list[TombstoneRec], reply: Any) -> None:
+        if not tombs:
+            if reply is not None:
+                reply.set(None)
+            return
+        ingested = self.runtime.reply()
+        await self.runtime.mailbox("batcher").send(make_put(self.runtime, list(tombs), reply, ticket_reply=ingested))
+        self.state.pending.append((tombs, ingested))
+
+    async def _read(self, spec: ReadSpec) -> list[Any]:
+        reply = self.runtime.reply()
+        await self.runtime.mailbox("cache").send(Read(spec, reply))
+        return await reply.wait()  # type: ignore[no-any-return]
+
+    async def _prune(self, msg: Prune) -> None:
+        try:
+            if msg.strategy == "delete":
+                at = now_us()
+                tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at) for t in msg.thread_ids]
+            else:
+                heads = await self._read(ReadSpec(tuple(msg.thread_ids), None, with_values=False))
+                latest: dict[tuple[str, str], str] = {}
+                for b in heads:
+                    c = b.checkpoint
+                    k = (c.thread_id, c.checkpoint_ns)
+                    if c.checkpoint_id > latest.get(k, ""):
+                        latest[k] = c.checkpoint_id
+                at = now_us()
+                tombs = [
+                    TombstoneRec(
+                        SCOPE_CHECKPOINT, thread_id=b.checkpoint.thread_id,
+                        checkpoint_ns=b.checkpoint.checkpoint_ns,
+                        checkpoint_id=b.checkpoint.checkpoint_id, deleted_at=at,
+                    )
+                    for b in heads
+                    if b.checkpoint.checkpoint_id != latest[(b.checkpoint.thread_id, b.checkpoint.checkpoint_ns)]
+                ]
+            await self._write_tombstones(tombs, msg.reply)
+        except Exception as exc:  # noqa: BLE001 - failed back to the caller
+            msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"prune failed: {exc!r}"))
+
+    async def _copy(self, msg: CopyThread) -> None:
+        try:
+            bundles = await self._read(ReadSpec((msg.source,), None))
+            at = now_us()
+            records: list[Record] = []
+            seen_blobs: set[tuple[str, str, str]] = set()
+            for b in reversed(bundles):  # oldest first
+                c = b.checkpoint
+                for (ch, ver), blob in b.blobs.items():
+                    if (c.checkpoint_ns, ch, ver) in seen_blobs:
+                        continue
+                    seen_blobs.add((c.checkpoint_ns, ch, ver))
+                    records.append(BlobRec(msg.target, c.checkpoint_ns, ch, ver, blob.payload_type, blob.payload, at))
+                records.append(CheckpointRec(
+                    msg.target, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, c.run_id,
+                    dict(c.channel_versions), dict(c.new_versions), c.metadata_json,
+                    c.payload_type, c.payload, at,
+                ))
+                for w in b.writes:
+                    records.append(WriteRec(
+                        msg.target, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.task_path, w.idx,
+                        w.channel, w.payload_type, w.payload, at,
+                    ))
+            if not records:
+                msg.reply.set(None)
+                return
+            await self.runtime.mailbox("batcher").send(make_put(self.runtime, records, msg.reply, update_views=False))
+        except Exception as exc:  # noqa: BLE001 - failed back to the caller
+            msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"copy_thread failed: {exc!r}"))
+
+    # -- compaction --------------------------------------------------------
+
+    async def _compaction_ticker(self) -> None:
+        while True:
+            await anyio.sleep(self.runtime.config.compaction_interval)
+            try:
+                self.mailbox.send_nowait(Compact())
+            except anyio.WouldBlock:
+                continue
+            except Exception:  # noqa: BLE001 - closed: stopping
+                return
+
+    async def _compact(self) -> None:
+        try:
+            await self._compact_pass()
+        except Exception as exc:  # noqa: BLE001 - tombstones keep reads right; retried next pass
+            self.runtime.compaction_errors.append(exc)
+        finally:
+            self._compacting = False
+
+    async def _compact_pass(self) -> None:
+        st = self.state
+        still: list[Any] = []
+        for tombs, ingested in st.pending:
+            if ingested.done:
+                try:
+                    await ingested.wait()
+                    st.ready.extend(tombs)
+                except Exception:  # noqa: BLE001 - not stored, nothing to compact
+                    pass
+            else:
+                still.append((tombs, ingested))
+        st.pending = still
+        batch_size = self.runtime.config.compaction_batch
+        while st.ready:
+            batch = st.ready[:batch_size]
+            for table in (CHECKPOINTS.name, WRITES.name, BLOBS.name):
+                text, params = kql.compaction_command(table, batch)
+                if text:
+                    await self.runtime.backend.command(text, params)
+            # the Tombstones rows themselves stay (their table's retention ages them
+            # out): they keep hiding late duplicates of what was compacted
+            del st.ready[: len(batch)]
+            st.compacted += len(batch)

@@ -1,0 +1,156 @@
+"""Ingestor: sends batches to the backend, with retries and bounded concurrency.
+
+At most ``ingest_concurrency`` batches are in flight; the ingestor reads its
+mailbox only when a slot is free, so a slow backend fills the mailbox and
+blocks the batcher. Transient failures are retried with exponential backoff
+and full jitter (tenacity), up to ``max_retries``. Each batch's outcome goes
+to the query cache (which drops ingested rows from its overlay, or failed rows
+altogether), to the puts waiting for it (durability="ingested"), and, for a
+failure, to ``runtime.ingest_errors`` so that ``flush()`` and closing raise it.
+
+Batches in flight live in the engine-owned state: a restarted ingestor sends
+them again (reads deduplicate, so a batch ingested twice is harmless).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from ...telemetry import names
+from ..actor import Actor
+from ..errors import IngestError, TransientBackendError
+from ..messages import Batch, Drain, IngestBatch, Ingested
+
+
+@dataclass
+class IngestorState:
+    inflight: dict[int, Batch] = field(default_factory=dict)
+    drains: list[tuple[int, Any]] = field(default_factory=list)
+    last_batch_id: int = 0
+    inflight_bytes: int = 0
+    received_bytes: int = 0
+    batches_ok: int = 0
+    batches_failed: int = 0
+    retries: int = 0
+    rows_ingested: int = 0
+
+
+class Ingestor(Actor):
+    name = "ingestor"
+    state: IngestorState
+
+    async def run(self) -> None:
+        self._slots = anyio.Semaphore(self.runtime.config.ingest_concurrency)
+        await super().run()
+
+    async def on_start(self) -> None:
+        for batch in list(self.state.inflight.values()):
+            await self._slots.acquire()
+            self._start(batch)
+
+    async def on_stop(self) -> None:
+        # mailbox closed: wait for the batches in flight before exiting
+        while self.state.inflight:
+            await anyio.sleep(0.005)
+
+    async def handle(self, msg: Any) -> None:
+        st = self.state
+        if isinstance(msg, IngestBatch):
+            await self._slots.acquire()
+            batch = msg.batch
+            st.inflight[batch.batch_id] = batch
+            st.inflight_bytes += batch.nbytes
+            st.received_bytes += batch.nbytes
+            st.last_batch_id = max(st.last_batch_id, batch.batch_id)
+            self._start(batch)
+        elif isinstance(msg, Drain):
+            st.drains.append((st.last_batch_id, msg.reply))
+            self._check_drains()
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"ingestor got {msg!r}")
+
+    def _start(self, batch: Batch) -> None:
+        assert self.tg is not None
+        self.tg.start_soon(self._ingest, batch, name=f"ingest:{batch.table}:{batch.batch_id}")
+
+    async def _ingest(self, batch: Batch) -> None:
+        rt = self.runtime
+        cfg = rt.config
+        inst = rt.instruments
+        st = self.state
+        started = time.perf_counter()
+        error: BaseException | None = None
+
+        def count_retry(rs: RetryCallState) -> None:
+            st.retries += 1
+            inst.ingest_retries.add(1, inst.attrs(**{names.TABLE: batch.table}))
+
+        try:
+            with inst.tracer.start_as_current_span(
+                f"ingest {batch.table}",
+                attributes=inst.attrs(**{names.TABLE: batch.table, "kusto_checkpoint.batch.rows": len(batch.rows)}),
+            ):
+                async for attempt in AsyncRetrying(
+                    sleep=anyio.sleep,
+                    stop=stop_after_attempt(cfg.max_retries + 1),
+                    wait=wait_random_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
+                    retry=retry_if_exception_type(TransientBackendError),
+                    before_sleep=count_retry,
+                    reraise=True,
+                ):
+                    with attempt:
+                        await rt.backend.ingest(batch.table, batch.rows)
+        except Exception as exc:  # noqa: BLE001 - reported to every waiter below
+            error = IngestError(
+                f"could not ingest {len(batch.rows)} row(s) into {batch.table} "
+                f"after {cfg.max_retries} retries: {exc}"
+            )
+            error.__cause__ = exc
+        elapsed = time.perf_counter() - started
+        outcome = "ok" if error is None else "failed"
+        inst.ingest_duration.record(elapsed, inst.attrs(**{names.TABLE: batch.table, names.OUTCOME: outcome}))
+        inst.ingest_batches.add(1, inst.attrs(**{names.TABLE: batch.table, names.OUTCOME: outcome}))
+        if error is None:
+            inst.batch_rows.record(len(batch.rows), inst.attrs(**{names.TABLE: batch.table}))
+            inst.batch_bytes.record(batch.nbytes, inst.attrs(**{names.TABLE: batch.table}))
+        # tell the cache first: its overlay must know before anyone is told "done"
+        await rt.mailbox("cache").send(Ingested(batch.seqs, error))
+        for ticket in batch.tickets:
+            if error is None:
+                ticket.done_rows(1)
+            else:
+                ticket.reply.fail(error)
+        if error is None:
+            st.batches_ok += 1
+            st.rows_ingested += len(batch.rows)
+        else:
+            st.batches_failed += 1
+            rt.ingest_errors.append(error)
+        st.inflight.pop(batch.batch_id, None)
+        st.inflight_bytes -= batch.nbytes
+        self._slots.release()
+        self._check_drains()
+
+    def _check_drains(self) -> None:
+        st = self.state
+        if not st.drains:
+            return
+        oldest = min(st.inflight) if st.inflight else None
+        keep = []
+        for upto, reply in st.drains:
+            if oldest is None or oldest > upto:
+                reply.set(None)
+            else:
+                keep.append((upto, reply))
+        st.drains = keep

@@ -1,0 +1,499 @@
+"""QueryCache: answers reads by merging the backend with what it does not show yet.
+
+Two structures:
+
+* the **overlay** (engine-owned, survives restarts): every record this process
+  accepted that the backend may not show yet. The batcher hands each put's
+  records here (``Accept``) before the put returns, so read-your-writes holds
+  at every moment; a record leaves when the ingestor reports its batch
+  ingested, after ``visibility_delay``, and only once no query that started
+  before the acknowledgement is still running (it might have missed it).
+  Tombstones in the overlay mask rows at once: deletes take effect immediately.
+* the **views** (per incarnation, a bounded LRU): for recently read
+  ``(thread_id, checkpoint_ns)``, the latest checkpoint with its blobs and
+  pending writes, kept current by this process's own writes (write-through)
+  and dropped by its deletes. ``get_tuple`` of the latest checkpoint is
+  answered from a view without touching the backend.
+
+Backend queries run in child tasks and come back as ``QueryDone`` messages, so
+the loop never waits on I/O. Rows become records in those tasks; the loop only
+merges dictionaries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...telemetry import names
+from .. import kql
+from ..actor import Actor
+from ..errors import BackendError
+from ..messages import Accept, Ingested, QueryDone, Read, ReadSpec
+from ..reads import checkpoint_from_row, values_from_rows
+from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, WriteRec, newer_write
+from ..schema import SCOPE_RUN
+
+
+def _rows_of(rec: Record, cell_limit: int) -> int:
+    if isinstance(rec, (BlobRec, WriteRec)):
+        return max(1, -(-len(rec.payload) // cell_limit))
+    return 1
+
+
+@dataclass
+class Overlay:
+    by_seq: dict[int, Record] = field(default_factory=dict)
+    pending_rows: dict[int, int] = field(default_factory=dict)
+    ck: dict[str, dict[tuple[str, str], CheckpointRec]] = field(default_factory=dict)
+    blobs: dict[str, dict[tuple[str, str, str], BlobRec]] = field(default_factory=dict)
+    writes: dict[str, dict[tuple[str, str, str, int], WriteRec]] = field(default_factory=dict)
+    tombs: dict[int, TombstoneRec] = field(default_factory=dict)
+    #: (seq, ack epoch, release time) of records the backend acknowledged
+    released: deque[tuple[int, int, float]] = field(default_factory=deque)
+    nbytes: int = 0
+    epoch: int = 0
+    #: start epochs of backend queries in flight
+    inflight: Counter[int] = field(default_factory=Counter)
+    #: reads waiting on a backend query, by id (re-run after a restart)
+    reads: dict[int, Read] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+    # -- add / remove ------------------------------------------------------
+
+    def add(self, rec: Record, nrows: int) -> None:
+        seq = rec.seq
+        self.by_seq[seq] = rec
+        self.pending_rows[seq] = self.pending_rows.get(seq, 0) + nrows
+        self.nbytes += rec.nbytes
+        if isinstance(rec, CheckpointRec):
+            self.ck.setdefault(rec.thread_id, {})[(rec.checkpoint_ns, rec.checkpoint_id)] = rec
+        elif isinstance(rec, BlobRec):
+            self.blobs.setdefault(rec.thread_id, {})[(rec.checkpoint_ns, rec.channel, rec.version)] = rec
+        elif isinstance(rec, WriteRec):
+            per = self.writes.setdefault(rec.thread_id, {})
+            k = (rec.checkpoint_ns, rec.checkpoint_id, rec.task_id, rec.idx)
+            old = per.get(k)
+            per[k] = rec if old is None else newer_write(old, rec)
+        else:
+            self.tombs[seq] = rec
+
+    def remove(self, seq: int) -> None:
+        rec = self.by_seq.pop(seq, None)
+        self.pending_rows.pop(seq, None)
+        if rec is None:
+            return
+        self.nbytes -= rec.nbytes
+        if isinstance(rec, TombstoneRec):
+            self.tombs.pop(seq, None)
+            return
+        if isinstance(rec, CheckpointRec):
+            index: dict[Any, Any] | None = self.ck.get(rec.thread_id)
+            k: Any = (rec.checkpoint_ns, rec.checkpoint_id)
+            top = self.ck
+        elif isinstance(rec, BlobRec):
+            index = self.blobs.get(rec.thread_id)
+            k = (rec.checkpoint_ns, rec.channel, rec.version)
+            top = self.blobs
+        else:
+            index = self.writes.get(rec.thread_id)
+            k = (rec.checkpoint_ns, rec.checkpoint_id, rec.task_id, rec.idx)
+            top = self.writes
+        if index is not None and index.get(k) is rec:
+            del index[k]
+            if not index:
+                del top[rec.thread_id]
+
+    # -- reads -------------------------------------------------------------
+
+    def covered(self, rec: CheckpointRec) -> bool:
+        return any(t.covers_checkpoint(rec) for t in self.tombs.values())
+
+    def row_covered(self, thread_id: str, written_at: int) -> bool:
+        return any(t.covers_thread_row(thread_id, written_at) for t in self.tombs.values())
+
+    def checkpoints(self, spec: ReadSpec) -> list[CheckpointRec]:
+        threads = spec.thread_ids if spec.thread_ids is not None else list(self.ck)
+        out = []
+        for tid in threads:
+            for (ns, cid), rec in self.ck.get(tid, {}).items():
+                if spec.checkpoint_ns is not None and ns != spec.checkpoint_ns:
+                    continue
+                if spec.checkpoint_id and cid != spec.checkpoint_id:
+                    continue
+                if spec.before and not cid < spec.before:
+                    continue
+                out.append(rec)
+        return out
+
+    def relevant_tombs(self, spec: ReadSpec) -> bool:
+        for t in self.tombs.values():
+            if t.scope == SCOPE_RUN or spec.thread_ids is None or t.thread_id in spec.thread_ids:
+                return True
+        return False
+
+
+@dataclass
+class View:
+    latest: CheckpointRec | None
+    blobs: dict[tuple[str, str], BlobRec]
+    writes: dict[tuple[str, int], WriteRec]
+    loaded_at: float
+
+
+class QueryCache(Actor):
+    name = "cache"
+    state: Overlay
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.views: OrderedDict[tuple[str, str], View] = OrderedDict()
+        self._next_read = 0
+
+    async def on_start(self) -> None:
+        # reads whose backend query died with the previous incarnation: run again
+        pending = list(self.state.reads.values())
+        self.state.reads.clear()
+        self.state.inflight.clear()
+        for msg in pending:
+            await self._read(msg)
+
+    async def handle(self, msg: Any) -> None:
+        if isinstance(msg, Accept):
+            self._accept(msg)
+        elif isinstance(msg, Read):
+            await self._read(msg)
+        elif isinstance(msg, QueryDone):
+            self._query_done(msg)
+        elif isinstance(msg, Ingested):
+            self._ingested(msg)
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"cache got {msg!r}")
+
+    # -- writes ------------------------------------------------------------
+
+    def _accept(self, msg: Accept) -> None:
+        ov = self.state
+        cell = self.runtime.config.cell_limit
+        for rec in msg.records:
+            ov.add(rec, _rows_of(rec, cell))
+        for rec in msg.records:
+            if isinstance(rec, CheckpointRec):
+                if msg.update_views:
+                    self._view_put(rec)
+                else:
+                    self._drop_thread(rec.thread_id)
+            elif isinstance(rec, WriteRec):
+                if msg.update_views:
+                    self._view_write(rec)
+                else:
+                    self._drop_thread(rec.thread_id)
+            elif isinstance(rec, TombstoneRec):
+                self._view_tombstone(rec)
+        if msg.reply is not None:
+            msg.reply.set(None)
+
+    def _view_put(self, rec: CheckpointRec) -> None:
+        key = (rec.thread_id, rec.checkpoint_ns)
+        view = self.views.get(key)
+        if view is not None and view.latest is not None and rec.checkpoint_id <= view.latest.checkpoint_id:
+            return
+        blobs: dict[tuple[str, str], BlobRec] = {}
+        ov_blobs = self.state.blobs.get(rec.thread_id, {})
+        for ch, ver in rec.channel_versions.items():
+            b = ov_blobs.get((rec.checkpoint_ns, ch, ver))
+            if b is None and view is not None:
+                b = view.blobs.get((ch, ver))
+            if b is not None:
+                blobs[(ch, ver)] = b
+            elif view is not None or rec.parent_checkpoint_id:
+                # a blob we do not hold: the view cannot answer for this checkpoint
+                self.views.pop(key, None)
+                return
+        loaded = view.loaded_at if view is not None else time.monotonic()
+        self.views[key] = View(rec, blobs, {}, loaded)
+        self.views.move_to_end(key)
+        self._trim()
+
+    def _view_write(self, rec: WriteRec) -> None:
+        view = self.views.get((rec.thread_id, rec.checkpoint_ns))
+        if view is None or view.latest is None or view.latest.checkpoint_id != rec.checkpoint_id:
+            return
+        k = (rec.task_id, rec.idx)
+        old = view.writes.get(k)
+        view.writes[k] = rec if old is None else newer_write(old, rec)
+
+    def _view_tombstone(self, rec: TombstoneRec) -> None:
+        if rec.scope == SCOPE_RUN:
+            for key, view in list(self.views.items()):
+                if view.latest is not None and view.latest.run_id == rec.run_id:
+                    del self.views[key]
+        else:
+            self._drop_thread(rec.thread_id)
+
+    def _drop_thread(self, thread_id: str) -> None:
+        for key in [k for k in self.views if k[0] == thread_id]:
+            del self.views[key]
+
+    def _trim(self) -> None:
+        limit = self.runtime.config.cache_max_threads
+        while len(self.views) > limit:
+            self.views.popitem(last=False)
+
+    # -- acknowledgements ----------------------------------------------------
+
+    def _ingested(self, msg: Ingested) -> None:
+        ov = self.state
+        if msg.error is not None:
+            threads = set()
+            for seq in msg.seqs:
+                rec = ov.by_seq.get(seq)
+                if rec is not None:
+                    threads.add(getattr(rec, "thread_id", ""))
+                    ov.remove(seq)
+            for tid in threads:
+                self._drop_thread(tid)
+            return
+        ov.epoch += 1
+        release_at = time.monotonic() + self.runtime.config.visibility_delay
+        lag_hist = self.runtime.instruments.visibility_lag
+        now_us = time.time_ns() // 1000
+        for seq in msg.seqs:
+            left = ov.pending_rows.get(seq)
+            if left is None:
+                continue
+            if left <= 1:
+                del ov.pending_rows[seq]
+                ov.released.append((seq, ov.epoch, release_at))
+                rec = ov.by_seq.get(seq)
+                t = getattr(rec, "written_at", None) or getattr(rec, "deleted_at", None)
+                if t:
+                    lag_hist.record(max(0.0, (now_us - t) / 1e6), self.runtime.instruments.base_attrs)
+            else:
+                ov.pending_rows[seq] = left - 1
+        self._purge()
+
+    def _purge(self) -> None:
+        ov = self.state
+        oldest_query = min(ov.inflight) if ov.inflight else None
+        now = time.monotonic()
+        deferred: list[tuple[int, int, float]] = []
+        while ov.released:
+            seq, epoch, release_at = ov.released[0]
+            if release_at > now or (oldest_query is not None and oldest_query < epoch):
+                break
+            ov.released.popleft()
+            if isinstance(ov.by_seq.get(seq), TombstoneRec):
+                deferred.append((seq, epoch, release_at))
+            else:
+                ov.remove(seq)
+        if deferred or ov.tombs:
+            # a tombstone stays while any older record it may cover is still here
+            oldest = min((s for s, r in ov.by_seq.items() if not isinstance(r, TombstoneRec)), default=None)
+            for item in deferred:
+                if oldest is None or oldest > item[0]:
+                    ov.remove(item[0])
+                else:
+                    ov.released.append(item)
+
+    # -- reads -------------------------------------------------------------
+
+    async def _read(self, msg: Read) -> None:
+        spec = msg.spec
+        inst = self.runtime.instruments
+        if spec.latest and spec.thread_ids is not None and spec.checkpoint_ns is not None:
+            key = (spec.thread_ids[0], spec.checkpoint_ns)
+            view = self.views.get(key)
+            ttl = self.runtime.config.cache_ttl
+            if view is not None and time.monotonic() - view.loaded_at <= ttl:
+                if spec.checkpoint_id is None or (
+                    view.latest is not None and view.latest.checkpoint_id == spec.checkpoint_id
+                ):
+                    self.views.move_to_end(key)
+                    self.state.hits += 1
+                    inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "hit"}))
+                    msg.reply.set(self._bundle_from_view(view))  # type: ignore[union-attr]
+                    return
+        self.state.misses += 1
+        inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "miss"}))
+        self._next_read += 1
+        self.state.reads[id(msg)] = msg
+        self._spawn(msg, 1, None)
+
+    def _bundle_from_view(self, view: View) -> Bundle | None:
+        if view.latest is None:
+            return None
+        writes = sorted(view.writes.values(), key=lambda w: (w.task_path, w.task_id, w.idx))
+        return Bundle(view.latest, dict(view.blobs), writes)
+
+    def _spawn(self, msg: Read, stage: int, carry: Any) -> None:
+        ov = self.state
+        epoch = ov.epoch
+        ov.inflight[epoch] += 1
+        assert self.tg is not None
+        self.tg.start_soon(self._run_query, msg, stage, carry, epoch)
+
+    async def _run_query(self, msg: Read, stage: int, carry: Any, epoch: int) -> None:
+        rt = self.runtime
+        spec = msg.spec
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            limiter = rt.query_limiter
+            assert limiter is not None
+            async with limiter:
+                if stage == 1:
+                    limit = spec.limit
+                    if spec.latest:
+                        limit = 5
+                    if spec.before is not None or self.state.relevant_tombs(spec):
+                        limit = None
+                    rows = await rt.backend.query(
+                        kql.checkpoints_query(limit, spec.with_values),
+                        kql.checkpoints_params(spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id),
+                    )
+                    make = checkpoint_from_row if spec.with_values else _header
+                    result = [make(r) for r in rows]
+                    if spec.before is not None:
+                        result = [r for r in result if r.checkpoint_id < spec.before]
+                else:
+                    rows = await rt.backend.query(kql.VALUES_QUERY, carry[1])
+                    result = (carry[0], values_from_rows(rows))
+        except Exception as exc:  # noqa: BLE001 - failed back to the reader
+            error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
+            if error is not exc:
+                error.__cause__ = exc
+        await self.mailbox.send(QueryDone(msg, stage, result, error, epoch))
+
+    def _query_done(self, done: QueryDone) -> None:
+        ov = self.state
+        ov.inflight[done.epoch] -= 1
+        if ov.inflight[done.epoch] <= 0:
+            del ov.inflight[done.epoch]
+        msg = done.request
+        reply = msg.reply
+        assert reply is not None
+        if done.error is not None:
+            ov.reads.pop(id(msg), None)
+            reply.fail(done.error)
+            self._purge()
+            return
+        if done.stage == 1:
+            self._merge_checkpoints(msg, done.result)
+        else:
+            self._merge_values(msg, *done.result)
+        self._purge()
+
+    def _merge_checkpoints(self, msg: Read, backend: list[CheckpointRec]) -> None:
+        ov = self.state
+        spec = msg.spec
+        merged: dict[tuple[str, str, str], CheckpointRec] = {r.key: r for r in backend}
+        for rec in ov.checkpoints(spec):
+            merged[rec.key] = rec
+        cands = [r for r in merged.values() if not ov.covered(r)]
+        cands.sort(key=lambda r: r.checkpoint_id, reverse=True)
+        if not spec.with_values:
+            if spec.limit is not None:
+                cands = cands[: spec.limit]
+            ov.reads.pop(id(msg), None)
+            msg.reply.set([Bundle(c) for c in cands])  # type: ignore[union-attr]
+            return
+        if spec.limit is not None and not spec.latest:
+            cands = cands[: spec.limit]
+        if spec.latest:
+            cands = cands[:5]
+        if not cands:
+            ov.reads.pop(id(msg), None)
+            if spec.latest and spec.checkpoint_id is None and spec.thread_ids is not None:
+                key = (spec.thread_ids[0], spec.checkpoint_ns or "")
+                self.views[key] = View(None, {}, {}, time.monotonic())
+                self._trim()
+            msg.reply.set(None if spec.latest else [])  # type: ignore[union-attr]
+            return
+        params = {
+            "tids": sorted({c.thread_id for c in cands}),
+            "channels": sorted({ch for c in cands for ch in c.channel_versions}),
+            "versions": sorted({v for c in cands for v in c.channel_versions.values()}),
+            "cids": sorted({c.checkpoint_id for c in cands}),
+        }
+        self._spawn(msg, 2, (cands, params))
+
+    def _merge_values(
+        self,
+        msg: Read,
+        cands: list[CheckpointRec],
+        values: tuple[dict[tuple[str, str, str, str], BlobRec], dict[tuple[str, str, str, str, int], WriteRec]],
+    ) -> None:
+        ov = self.state
+        spec = msg.spec
+        ov.reads.pop(id(msg), None)
+        b_blobs, b_writes = values
+        bundles: list[Bundle] = []
+        for c in cands:
+            tid, ns = c.thread_id, c.checkpoint_ns
+            o_blobs = ov.blobs.get(tid, {})
+            blobs: dict[tuple[str, str], BlobRec] = {}
+            for ch, ver in c.channel_versions.items():
+                b = o_blobs.get((ns, ch, ver)) or b_blobs.get((tid, ns, ch, ver))
+                if b is not None and not ov.row_covered(tid, b.written_at):
+                    blobs[(ch, ver)] = b
+            writes: dict[tuple[str, int], WriteRec] = {}
+            for (wt, wns, wcid, task, idx), w in b_writes.items():
+                if wt == tid and wns == ns and wcid == c.checkpoint_id:
+                    writes[(task, idx)] = w
+            for (wns, wcid, task, idx), w in ov.writes.get(tid, {}).items():
+                if wns == ns and wcid == c.checkpoint_id:
+                    old = writes.get((task, idx))
+                    writes[(task, idx)] = w if old is None else newer_write(old, w)
+            wl = [w for w in writes.values() if w.complete and not ov.row_covered(tid, w.written_at)]
+            wl.sort(key=lambda w: (w.task_path, w.task_id, w.idx))
+            bundle = Bundle(c, blobs, wl)
+            if bundle.visible():
+                bundles.append(bundle)
+        if spec.latest:
+            best = bundles[0] if bundles else None
+            if best is not None and spec.checkpoint_id is None:
+                key = (best.checkpoint.thread_id, best.checkpoint.checkpoint_ns)
+                self.views[key] = View(
+                    best.checkpoint,
+                    dict(best.blobs),
+                    {(w.task_id, w.idx): w for w in best.writes},
+                    time.monotonic(),
+                )
+                self._trim()
+            msg.reply.set(best)  # type: ignore[union-attr]
+        else:
+            msg.reply.set(bundles)  # type: ignore[union-attr]
+
+    # -- introspection -----------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        ov = self.state
+        return {
+            "overlay_records": len(ov.by_seq),
+            "overlay_bytes": ov.nbytes,
+            "views": len(self.views),
+            "hits": ov.hits,
+            "misses": ov.misses,
+        }
+
+
+def _header(row: dict[str, Any]) -> CheckpointRec:
+    from ..records import to_micros
+
+    return CheckpointRec(
+        thread_id=row["thread_id"],
+        checkpoint_ns=row["checkpoint_ns"] or "",
+        checkpoint_id=row["checkpoint_id"],
+        parent_checkpoint_id="",
+        run_id=row.get("run_id") or "",
+        channel_versions={},
+        new_versions={},
+        metadata_json=b"{}",
+        payload_type="",
+        payload="",
+        written_at=to_micros(row["written_at"]),
+    )

@@ -1,0 +1,212 @@
+"""The embedded store: a DuckDB file queried with the very KQL sent to Kusto.
+
+Queries go through ``duckdb-kql``: each KQL template is translated to SQL once
+(with the table schema, which ``arg_max(x, *)`` and joins need) and the SQL is
+reused with its bound parameters. Rows are appended natively: a batch becomes
+an Arrow table and one ``INSERT ... SELECT``, the fastest append DuckDB has.
+
+DuckDB calls block, so they run in worker threads (``anyio.to_thread``) behind
+a bounded limiter; each worker thread uses its own cursor on the one database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+import duckdb
+import duckdb_kql
+import orjson
+import pyarrow as pa
+from duckdb_kql.params import bind
+
+from ..errors import PermanentBackendError
+from ..records import JsonText, to_micros  # noqa: F401 - re-exported
+from ..schema import DATETIME, DYNAMIC, INT, LONG, STRING, TABLES, TABLES_BY_NAME, Table
+
+_DUCK_TYPES = {STRING: "VARCHAR", DYNAMIC: "JSON", LONG: "BIGINT", INT: "INTEGER", DATETIME: "TIMESTAMP"}
+_ARROW_TYPES = {STRING: pa.string(), DYNAMIC: pa.string(), LONG: pa.int64(), INT: pa.int32(), DATETIME: pa.timestamp("us")}
+_DELETE_RE = re.compile(r"^\s*\.delete\s+table\s+(\w+)\s+records\s*<\|\s*(.*)$", re.S)
+
+
+def _dynamic_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, JsonText):
+        return value.decode()
+    return orjson.dumps(value).decode()
+
+
+class EmbeddedBackend:
+    """DuckDB file (or ``":memory:"``) behind the backend protocol."""
+
+    name = "duckdb"
+
+    def __init__(self, path: str = ":memory:", *, threads: int = 4) -> None:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"path must be a DuckDB file path or ':memory:', got {path!r}")
+        self.path = path
+        self.database = "memory" if path == ":memory:" else path
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursors_lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(threads)
+        self._translated: dict[str, Any] = {}
+        self._schema: dict[str, list[str]] | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._con is not None:
+            return
+        await anyio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
+
+    def _open_sync(self) -> None:
+        con = duckdb_kql.connect(self.path)
+        for table in TABLES:
+            cols = ", ".join(f'"{c}" {_DUCK_TYPES[k]}' for c, k in table.columns)
+            con.execute(f'CREATE TABLE IF NOT EXISTS "{table.name}" ({cols})')
+            existing = {r[0] for r in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]
+            ).fetchall()}
+            for c, k in table.columns:
+                if c not in existing:
+                    con.execute(f'ALTER TABLE "{table.name}" ADD COLUMN "{c}" {_DUCK_TYPES[k]}')
+        self._schema = {t.name: list(t.column_names) for t in TABLES}
+        self._con = con
+
+    async def close(self) -> None:
+        con, self._con = self._con, None
+        if con is None:
+            return
+
+        def _close() -> None:
+            with self._cursors_lock:
+                for cur in self._cursors:
+                    try:
+                        cur.close()
+                    except duckdb.Error:
+                        pass
+                self._cursors.clear()
+            con.close()
+
+        await anyio.to_thread.run_sync(_close)
+        self._local = threading.local()
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise PermanentBackendError("the embedded store is closed")
+        cur = getattr(self._local, "cursor", None)
+        if cur is None or getattr(self._local, "con", None) is not self._con:
+            cur = self._con.cursor()
+            cur.execute("SET TimeZone = 'UTC'")
+            self._local.cursor = cur
+            self._local.con = self._con
+            with self._cursors_lock:
+                self._cursors.append(cur)
+        return cur
+
+    # -- ingest ------------------------------------------------------------
+
+    async def ingest(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        spec = TABLES_BY_NAME.get(table)
+        if spec is None:
+            raise PermanentBackendError(f"no table {table!r} in the embedded store")
+        if not rows:
+            return
+        arrow = _to_arrow(spec, rows)
+        await anyio.to_thread.run_sync(self._append, spec, arrow, limiter=self._limiter)
+
+    def _append(self, spec: Table, arrow: pa.Table) -> None:
+        cur = self._cursor()
+        cols = ", ".join(f'"{c}"' for c in spec.column_names)
+        cur.register("_incoming", arrow)
+        try:
+            cur.execute(f'INSERT INTO "{spec.name}" ({cols}) SELECT {cols} FROM _incoming')
+        finally:
+            cur.unregister("_incoming")
+
+    # -- queries -----------------------------------------------------------
+
+    def _translate(self, kql: str) -> Any:
+        tr = self._translated.get(kql)
+        if tr is None:
+            tr = duckdb_kql.to_sql(kql, schema=self._schema)
+            self._translated[kql] = tr
+        return tr
+
+    async def query(self, kql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return await anyio.to_thread.run_sync(self._query_sync, kql, dict(params), limiter=self._limiter)
+
+    def _bound(self, tr: Any, params: dict[str, Any]) -> dict[str, Any]:
+        values = {
+            k: v.astimezone(dt.timezone.utc).replace(tzinfo=None) if isinstance(v, dt.datetime) and v.tzinfo else v
+            for k, v in params.items()
+        }
+        bound, unbound = bind(list(tr.declarations), values)
+        if unbound:
+            raise PermanentBackendError(f"query parameters without a value: {unbound}")
+        return {slot: v for slot, v in bound.items() if slot in tr.slots}
+
+    def _query_sync(self, kql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        tr = self._translate(kql)
+        cur = self._cursor()
+        try:
+            res = cur.execute(str(tr), self._bound(tr, params))
+            names = [d[0] for d in res.description]
+            dynamic = [i for i, d in enumerate(res.description) if str(d[1]).upper() == "JSON"]
+            out = []
+            for row in res.fetchall():
+                rec = dict(zip(names, row))
+                for i in dynamic:
+                    v = row[i]
+                    rec[names[i]] = orjson.loads(v) if isinstance(v, str) else v
+                out.append(rec)
+            return out
+        except duckdb.Error as exc:
+            raise PermanentBackendError(f"embedded query failed: {exc}") from exc
+
+    async def command(self, kql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        return await anyio.to_thread.run_sync(self._command_sync, kql, dict(params or {}), limiter=self._limiter)
+
+    def _command_sync(self, kql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        m = _DELETE_RE.match(kql)
+        if m is None:
+            raise PermanentBackendError(f"the embedded store does not run this command: {kql[:60]!r}")
+        table, query = m.group(1), m.group(2)
+        spec = TABLES_BY_NAME.get(table)
+        if spec is None:
+            raise PermanentBackendError(f"no table {table!r}")
+        tr = self._translate(query)
+        cur = self._cursor()
+        cols = list(spec.column_names)
+        cond = " AND ".join(f'd."{c}" IS NOT DISTINCT FROM t."{c}"' for c in cols if spec.columns[cols.index(c)][1] != DYNAMIC)
+        sql = f'DELETE FROM "{table}" AS t WHERE EXISTS (SELECT 1 FROM ({tr}) AS d WHERE {cond})'
+        try:
+            n = cur.execute(sql, self._bound(tr, params)).fetchall()
+        except duckdb.Error as exc:
+            raise PermanentBackendError(f"embedded command failed: {exc}") from exc
+        return [{"deleted": n[0][0] if n else 0}]
+
+    # -- introspection used by tests and the load tool ----------------------
+
+    async def count_rows(self, table: str) -> int:
+        def _count() -> int:
+            return int(self._cursor().execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])
+
+        return await anyio.to_thread.run_sync(_count, limiter=self._limiter)
+
+
+def _to_arrow(spec: Table, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    arrays = []
+    for col, kind in spec.columns:
+        values = [r.get(col) for r in rows]
+        if kind == DYNAMIC:
+            values = [_dynamic_text(v) for v in values]
+        arrays.append(pa.array(values, type=_ARROW_TYPES[kind]))
+    return pa.Table.from_arrays(arrays, names=list(spec.column_names))

@@ -1,0 +1,150 @@
+"""Engine settings: one validated dataclass, documented field by field.
+
+Every saver entry point takes these as keyword arguments; an invalid value raises
+:class:`ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+SUPERVISION_STRATEGIES = ("one_for_one", "rest_for_one")
+DURABILITY_MODES = ("memory", "ingested")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    #: rows per table that trigger a batch
+    batch_size: int = 500
+    #: bytes per batch (payload text) that trigger a batch; also caps one ingest request
+    max_batch_bytes: int = 4 * 1024 * 1024
+    #: seconds a row may wait in the batcher before its batch is sent
+    flush_interval: float = 0.05
+    #: the memory bound: bytes accepted by the engine and not yet ingested
+    #: (batcher buffer + ingest queue + in-flight batches) never exceed this,
+    #: except that one value larger than the bound is admitted alone.
+    max_buffered_bytes: int = 64 * 1024 * 1024
+    #: messages each actor mailbox holds before senders block
+    mailbox_size: int = 1024
+    #: batches sent to the backend at once
+    ingest_concurrency: int = 4
+    #: batches queued for the ingestor before the batcher blocks
+    ingest_queue_size: int = 4
+    #: retries of a transient backend failure (throttling, 5xx, timeouts)
+    max_retries: int = 5
+    #: first backoff in seconds; doubles per retry, with full jitter
+    retry_backoff: float = 0.2
+    #: upper bound of one backoff sleep, seconds
+    retry_backoff_max: float = 10.0
+    #: queries run against the backend at once
+    query_concurrency: int = 8
+    #: threads (per namespace) whose latest state the query cache keeps
+    cache_max_threads: int = 10_000
+    #: seconds a cached backend answer is trusted before it is read again
+    #: (other processes' writes to the same thread show up after at most this)
+    cache_ttl: float = 300.0
+    #: seconds ingested rows stay in the read overlay after the backend acknowledged
+    #: them (0 when the backend shows an acknowledged row at once, as the embedded
+    #: store and streaming ingestion do; raise it for queued ingestion)
+    visibility_delay: float = 0.0
+    #: largest payload cell, in characters; larger values are split into chunks
+    cell_limit: int = 1_000_000
+    #: "memory": a put returns once the engine accepted it; "ingested": once the
+    #: backend acknowledged its batch
+    durability: str = "memory"
+    #: seconds a put may wait for the engine (backpressure) before TimeoutError; None waits
+    put_timeout: float | None = None
+    #: supervision: restart strategy, and at most max_restarts in restart_window seconds
+    supervision: str = "one_for_one"
+    max_restarts: int = 5
+    restart_window: float = 10.0
+    #: tombstoned rows are compacted physically in batches of this many deletions
+    compaction_batch: int = 100
+    #: seconds between compaction passes (0 disables physical compaction)
+    compaction_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+        def non_negative_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+
+        def positive_number(name: str, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            ok = (
+                not isinstance(v, bool)
+                and isinstance(v, (int, float))
+                and math.isfinite(v)
+                and (v >= 0 if allow_zero else v > 0)
+            )
+            if not ok:
+                what = "a non-negative" if allow_zero else "a positive"
+                raise ConfigError(f"{name} must be {what} finite number, got {v!r}")
+
+        for name in (
+            "batch_size",
+            "max_batch_bytes",
+            "max_buffered_bytes",
+            "mailbox_size",
+            "ingest_concurrency",
+            "ingest_queue_size",
+            "query_concurrency",
+            "cache_max_threads",
+            "cell_limit",
+            "max_restarts",
+            "compaction_batch",
+        ):
+            positive_int(name)
+        non_negative_int("max_retries")
+        for name in ("flush_interval", "retry_backoff", "retry_backoff_max", "restart_window"):
+            positive_number(name)
+        for name in ("cache_ttl", "visibility_delay", "compaction_interval"):
+            positive_number(name, allow_zero=True)
+        if self.put_timeout is not None:
+            positive_number("put_timeout")
+        if self.durability not in DURABILITY_MODES:
+            raise ConfigError(
+                f"durability must be one of {DURABILITY_MODES}, got {self.durability!r}"
+            )
+        if self.supervision not in SUPERVISION_STRATEGIES:
+            raise ConfigError(
+                f"supervision must be one of {SUPERVISION_STRATEGIES}, got {self.supervision!r}"
+            )
+        if self.cell_limit > self.max_batch_bytes:
+            raise ConfigError(
+                f"cell_limit ({self.cell_limit}) must not exceed max_batch_bytes "
+                f"({self.max_batch_bytes}): one chunk must fit in one ingest request"
+            )
+        if self.batcher_buffer_bytes < self.max_batch_bytes:
+            need = (self.ingest_queue_size + self.ingest_concurrency + 1) * self.max_batch_bytes
+            raise ConfigError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
+                f"(ingest_queue_size + ingest_concurrency + 1) * max_batch_bytes = {need}: "
+                "queued and in-flight batches count against the bound; lower "
+                "max_batch_bytes or raise max_buffered_bytes"
+            )
+
+    @property
+    def batcher_buffer_bytes(self) -> int:
+        """What the batcher may hold: the bound less the queued and in-flight batches."""
+        in_flight = (self.ingest_queue_size + self.ingest_concurrency) * self.max_batch_bytes
+        return self.max_buffered_bytes - in_flight
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown engine option(s) {unknown}; known options: {sorted(known)}"
+            )
+        return cls(**options)

@@ -1,0 +1,334 @@
+"""The engine: wires mailboxes, actors and the supervisor, and is what the saver calls.
+
+Every public coroutine here runs in the *caller's* task: it builds messages
+(records are already encoded by the saver), sends them, and awaits the reply.
+Nothing else: the actors own all state.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+
+from ..telemetry import Instruments, names
+from .actor import Crash
+from .actors.batcher import Batcher, BatcherState, ticker
+from .actors.deleter import Deleter, make_put
+from .actors.ingestor import Ingestor, IngestorState
+from .actors.query_cache import Overlay, QueryCache
+from .backends.base import Backend
+from .config import EngineConfig
+from .errors import EngineClosedError, EngineFailedError, IngestError
+from .messages import CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Read, ReadSpec
+from .records import Bundle, Record
+from .runtime import Runtime
+from .supervisor import ChildSpec, Supervisor
+
+#: start order; rest_for_one restarts an actor and every actor after it
+ACTORS = ("cache", "ingestor", "batcher", "deleter")
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        config: EngineConfig | None = None,
+        *,
+        instruments: Instruments | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.backend = backend
+        self.instruments = instruments or Instruments(
+            db_system=getattr(backend, "name", "kusto"),
+            db_namespace=getattr(backend, "database", "") or "",
+        )
+        self.runtime: Runtime | None = None
+        self.supervisor: Supervisor | None = None
+        self._stack: AsyncExitStack | None = None
+        self._closing = False
+        self._states: dict[str, Any] = {}
+        self._children: dict[str, ChildSpec] = {}
+        self.restarts: dict[str, int] = {name: 0 for name in ACTORS}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        if self._stack is not None:
+            raise RuntimeError("the engine is already running")
+        cfg = self.config
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self.backend.open()
+            stack.push_async_callback(self.backend.close)
+            rt = Runtime(cfg, self.backend, self.instruments)
+            rt.query_limiter = anyio.CapacityLimiter(cfg.query_concurrency)
+            for name in ACTORS:
+                rt.mailboxes[name] = _mailbox(name, cfg.mailbox_size)
+            self.runtime = rt
+            self._states = {
+                "cache": Overlay(),
+                "ingestor": IngestorState(),
+                "batcher": BatcherState(),
+                "deleter": DeleterState(),
+            }
+            classes = {"cache": QueryCache, "ingestor": Ingestor, "batcher": Batcher, "deleter": Deleter}
+
+            def factory(name: str) -> Any:
+                return lambda: classes[name](rt, rt.mailboxes[name], self._states[name])
+
+            self._children = {name: ChildSpec(name, factory(name)) for name in ACTORS}
+            self.supervisor = Supervisor(
+                [self._children[n] for n in ACTORS],
+                strategy=cfg.supervision,
+                max_restarts=cfg.max_restarts,
+                window=cfg.restart_window,
+                on_restart=self._on_restart,
+                on_escalate=rt.fail,
+            )
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            await tg.start(self.supervisor.run)
+            tg.start_soon(ticker, rt, max(cfg.flush_interval / 2, 0.001))
+            self._register_gauges()
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        self._tg = tg
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        rt = self.runtime
+        assert rt is not None
+        self._closing = True
+        try:
+            if rt.failure is None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._flush()
+                    except Exception:  # noqa: BLE001 - reported below through ingest_errors
+                        pass
+                    for group in (("deleter", "batcher"), ("ingestor",), ("cache",)):
+                        for name in group:
+                            rt.mailboxes[name].close()
+                        for name in group:
+                            await self._children[name].stopped.wait()
+            self._tg.cancel_scope.cancel()
+        finally:
+            self.instruments.clear_gauges()
+            await stack.__aexit__(None, None, None)
+        if rt.failure is None and rt.ingest_errors:
+            errors, rt.ingest_errors = rt.ingest_errors, []
+            raise IngestError(
+                f"{len(errors)} batch(es) could not be ingested; first error: {errors[0]}"
+            ) from errors[0]
+
+    def _on_restart(self, actor: str, error: BaseException) -> None:
+        self.restarts[actor] = self.restarts.get(actor, 0) + 1
+        inst = self.instruments
+        inst.actor_restarts.add(1, inst.attrs(**{names.ACTOR: actor, names.ERROR_TYPE: type(error).__name__}))
+
+    def _check(self) -> Runtime:
+        rt = self.runtime
+        if rt is None or self._stack is None:
+            raise EngineClosedError("the saver is not open: use it inside `with` / `async with`")
+        if rt.failure is not None:
+            raise rt.failure
+        if self._closing:
+            raise EngineClosedError("the saver is closing or closed")
+        return rt
+
+    async def _send(self, rt: Runtime, actor: str, msg: Any) -> None:
+        try:
+            await rt.mailboxes[actor].send(msg)
+        except EngineClosedError:
+            if rt.failure is not None:
+                raise rt.failure from None
+            raise
+
+    async def _ask(self, rt: Runtime, actor: str, msg: Any) -> Any:
+        await self._send(rt, actor, msg)
+        return await msg.reply.wait()
+
+    # -- writes ------------------------------------------------------------
+
+    async def put(self, records: list[Record], *, operation: str = "put") -> None:
+        rt = self._check()
+        cfg = rt.config
+        ingested = rt.reply() if cfg.durability == "ingested" else None
+        msg = make_put(rt, records, rt.reply(), ticket_reply=ingested)
+        mailbox = rt.mailboxes["batcher"]
+        try:
+            with anyio.fail_after(cfg.put_timeout):
+                if mailbox.depth() >= mailbox.size:
+                    started = time.perf_counter()
+                    await self._send(rt, "batcher", msg)
+                    inst = self.instruments
+                    inst.backpressure_wait.record(
+                        time.perf_counter() - started, inst.attrs(**{names.DB_OPERATION_NAME: operation})
+                    )
+                else:
+                    await self._send(rt, "batcher", msg)
+                await msg.reply.wait()  # type: ignore[union-attr]
+                if ingested is not None:
+                    await ingested.wait()
+        except TimeoutError:
+            raise TimeoutError(
+                f"{operation} was not accepted within put_timeout={cfg.put_timeout}s "
+                "(the backend is slow or stalled and the engine's buffers are full)"
+            ) from None
+
+    # -- reads -------------------------------------------------------------
+
+    async def get(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None) -> Bundle | None:
+        rt = self._check()
+        spec = ReadSpec((thread_id,), checkpoint_ns, checkpoint_id, latest=True)
+        return await self._ask(rt, "cache", Read(spec, rt.reply()))  # type: ignore[no-any-return]
+
+    async def list(
+        self,
+        thread_id: str | None,
+        checkpoint_ns: str | None,
+        *,
+        checkpoint_id: str | None = None,
+        before: str | None = None,
+        limit: int | None = None,
+    ) -> list[Bundle]:
+        rt = self._check()
+        spec = ReadSpec(
+            (thread_id,) if thread_id is not None else None,
+            checkpoint_ns,
+            checkpoint_id,
+            before,
+            limit,
+        )
+        return await self._ask(rt, "cache", Read(spec, rt.reply()))  # type: ignore[no-any-return]
+
+    # -- deletes -----------------------------------------------------------
+
+    async def delete_threads(self, thread_ids: list[str]) -> None:
+        rt = self._check()
+        await self._ask(rt, "deleter", DeleteThreads(thread_ids, rt.reply()))
+
+    async def delete_runs(self, run_ids: list[str]) -> None:
+        rt = self._check()
+        await self._ask(rt, "deleter", DeleteRuns(run_ids, rt.reply()))
+
+    async def prune(self, thread_ids: list[str], strategy: str) -> None:
+        rt = self._check()
+        await self._ask(rt, "deleter", Prune(thread_ids, strategy, rt.reply()))
+
+    async def copy_thread(self, source: str, target: str) -> None:
+        rt = self._check()
+        await self._ask(rt, "deleter", CopyThread(source, target, rt.reply()))
+
+    # -- flushing ----------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Return once every row accepted so far is ingested; raise if some could not be."""
+        rt = self._check()
+        await self._flush()
+        if rt.ingest_errors:
+            errors, rt.ingest_errors = rt.ingest_errors, []
+            raise IngestError(
+                f"{len(errors)} batch(es) could not be ingested; first error: {errors[0]}"
+            ) from errors[0]
+
+    async def _flush(self) -> None:
+        rt = self.runtime
+        assert rt is not None
+        await self._ask(rt, "batcher", Flush(rt.reply()))
+
+    async def compact(self) -> int:
+        """Run a compaction pass now (after a flush); returns tombstones compacted so far."""
+        rt = self._check()
+        await self._flush()
+        deleter = self._children["deleter"].current
+        assert isinstance(deleter, Deleter)
+        while deleter._compacting:
+            await anyio.sleep(0.01)
+        deleter._compacting = True
+        await deleter._compact()
+        return self._states["deleter"].compacted  # type: ignore[no-any-return]
+
+    # -- fault injection and introspection -----------------------------------
+
+    async def crash(self, actor: str) -> None:
+        """Make ``actor`` raise inside its loop (tests, chaos runs)."""
+        rt = self._check()
+        if actor not in rt.mailboxes:
+            raise ValueError(f"no actor {actor!r}; actors: {list(rt.mailboxes)}")
+        await self._send(rt, actor, Crash())
+
+    @property
+    def failed(self) -> EngineFailedError | None:
+        return self.runtime.failure if self.runtime else None  # type: ignore[return-value]
+
+    def buffered_bytes(self) -> int:
+        """Bytes accepted and not yet ingested: batcher buffer + ingest queue + in flight."""
+        b: BatcherState = self._states["batcher"]
+        i: IngestorState = self._states["ingestor"]
+        queued = b.handed_bytes - i.received_bytes
+        return b.buffered_bytes + queued + i.inflight_bytes
+
+    def stats(self) -> dict[str, Any]:
+        rt = self.runtime
+        out: dict[str, Any] = {"restarts": dict(self.restarts)}
+        if rt is None:
+            return out
+        out["mailbox_depth"] = {n: m.depth() for n, m in rt.mailboxes.items()}
+        b: BatcherState = self._states["batcher"]
+        i: IngestorState = self._states["ingestor"]
+        ov: Overlay = self._states["cache"]
+        out.update(
+            buffered_bytes=self.buffered_bytes(),
+            peak_batcher_bytes=b.peak_buffered_bytes,
+            rows_in=b.rows_in,
+            batches_ok=i.batches_ok,
+            batches_failed=i.batches_failed,
+            rows_ingested=i.rows_ingested,
+            retries=i.retries,
+            overlay_records=len(ov.by_seq),
+            overlay_bytes=ov.nbytes,
+            cache_hits=ov.hits,
+            cache_misses=ov.misses,
+            tombstones_compacted=self._states["deleter"].compacted,
+        )
+        cache = self._children.get("cache")
+        if cache is not None and isinstance(cache.current, QueryCache):
+            out["views"] = len(cache.current.views)
+        return out
+
+    def _register_gauges(self) -> None:
+        inst = self.instruments
+        rt = self.runtime
+        assert rt is not None
+        inst.register_gauge(
+            names.MAILBOX_DEPTH, lambda: [(m.depth(), {names.ACTOR: n}) for n, m in rt.mailboxes.items()]
+        )
+        inst.register_gauge(
+            names.MAILBOX_CAPACITY, lambda: [(m.size, {names.ACTOR: n}) for n, m in rt.mailboxes.items()]
+        )
+        inst.register_gauge(names.BUFFERED_BYTES, lambda: [(self.buffered_bytes(), {})])
+        ov: Overlay = self._states["cache"]
+        inst.register_gauge(names.OVERLAY_ROWS, lambda: [(len(ov.by_seq), {})])
+        inst.register_gauge(names.OVERLAY_BYTES, lambda: [(ov.nbytes, {})])
+        dl: DeleterState = self._states["deleter"]
+        inst.register_gauge(
+            names.TOMBSTONES_PENDING, lambda: [(sum(len(t) for t, _ in dl.pending) + len(dl.ready), {})]
+        )
+
+
+def _mailbox(name: str, size: int) -> Any:
+    from .mailbox import Mailbox
+
+    return Mailbox(name, size)

@@ -1,0 +1,39 @@
+"""Exceptions raised by the engine and its backends."""
+
+from __future__ import annotations
+
+
+class KustoCheckpointError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class EngineClosedError(KustoCheckpointError, RuntimeError):
+    """The engine was closed (or never started): the saver cannot be used now."""
+
+
+class EngineFailedError(KustoCheckpointError, RuntimeError):
+    """The engine stopped after an actor exceeded its restart intensity."""
+
+
+class ConfigError(KustoCheckpointError, ValueError):
+    """A configuration value is invalid; the message names it."""
+
+
+class BackendError(KustoCheckpointError):
+    """A backend call failed."""
+
+
+class TransientBackendError(BackendError):
+    """A failure worth retrying: throttling, 5xx, timeouts, connection resets."""
+
+
+class PermanentBackendError(BackendError):
+    """A failure that retrying will not fix: missing table or mapping, bad request, auth."""
+
+
+class IngestError(KustoCheckpointError):
+    """Rows accepted by the engine could not be ingested; they are not stored."""
+
+
+class ActorCrashedError(KustoCheckpointError, RuntimeError):
+    """The actor handling a request crashed twice on it; the request was failed back."""

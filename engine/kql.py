@@ -1,0 +1,130 @@
+"""Every KQL text the engine sends, in one place.
+
+The same text runs on Azure Data Explorer and, through duckdb-kql, on the
+embedded DuckDB store. Every value that comes from a user (thread ids,
+namespaces, checkpoint and run ids) is a declared query parameter; the only
+things formatted into the text are integers the engine validated itself
+(``take`` limits) and parameter *names* it generated (``p0``, ``p1``...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .records import TombstoneRec, us_to_datetime
+from .schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, TOMBSTONES, WRITES
+
+_CK_COLUMNS = ", ".join(CHECKPOINTS.column_names)
+
+#: The tombstone filters every checkpoint read applies (``let`` statements).
+_TOMBSTONE_LETS = f"""let tomb = {TOMBSTONES.name} | where all_threads or thread_id in (tids) or scope == "{SCOPE_RUN}";
+let dead_threads = tomb | where scope == "{SCOPE_THREAD}" | summarize thread_deleted_at = max(deleted_at) by thread_id;
+let dead_checkpoints = tomb | where scope == "{SCOPE_CHECKPOINT}" | summarize checkpoint_deleted_at = max(deleted_at) by thread_id, checkpoint_ns, checkpoint_id;
+let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;"""
+
+_CHECKPOINTS_BODY = f"""declare query_parameters(tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string);
+{_TOMBSTONE_LETS}
+{CHECKPOINTS.name}
+| where (all_threads or thread_id in (tids)) and (any_ns or checkpoint_ns == ns) and (isempty(cid) or checkpoint_id == cid)
+| summarize arg_max(written_at, *) by thread_id, checkpoint_ns, checkpoint_id
+| join kind=leftouter dead_threads on thread_id
+| where isnull(thread_deleted_at) or written_at > thread_deleted_at
+| join kind=leftouter dead_checkpoints on thread_id, checkpoint_ns, checkpoint_id
+| where isnull(checkpoint_deleted_at) or written_at > checkpoint_deleted_at
+| join kind=leftanti dead_runs on run_id
+| project {{columns}}
+| order by checkpoint_id desc"""
+
+
+def checkpoints_query(limit: int | None, with_values: bool) -> str:
+    """Visible checkpoints (deduplicated, tombstones honoured), newest first.
+
+    ``before`` is applied by the caller: Kusto has no ``<`` on strings (and
+    duckdb-kql no ``strcmp``), so no KQL both run could express it.
+    """
+    columns = _CK_COLUMNS if with_values else "thread_id, checkpoint_ns, checkpoint_id, run_id, written_at"
+    text = _CHECKPOINTS_BODY.replace("{columns}", columns)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+        text += f"\n| take {int(limit)}"
+    return text
+
+
+def checkpoints_params(
+    thread_ids: tuple[str, ...] | None,
+    checkpoint_ns: str | None,
+    checkpoint_id: str | None,
+) -> dict[str, Any]:
+    return {
+        "tids": list(thread_ids or ()),
+        "all_threads": thread_ids is None,
+        "ns": checkpoint_ns or "",
+        "any_ns": checkpoint_ns is None,
+        "cid": checkpoint_id or "",
+    }
+
+
+#: Blobs and pending writes of a set of checkpoints, in one round trip. The
+#: filters select a superset (each column matched on its own list of values);
+#: the caller keeps the exact (thread, namespace, channel, version) keys.
+VALUES_QUERY = f"""declare query_parameters(tids:dynamic, channels:dynamic, versions:dynamic, cids:dynamic);
+let dead_threads = {TOMBSTONES.name} | where thread_id in (tids) and scope == "{SCOPE_THREAD}" | summarize thread_deleted_at = max(deleted_at) by thread_id;
+let blobs = {BLOBS.name}
+| where thread_id in (tids) and channel in (channels) and version in (versions)
+| join kind=leftouter dead_threads on thread_id
+| where isnull(thread_deleted_at) or written_at > thread_deleted_at
+| project kind_ = "blob", thread_id, checkpoint_ns, checkpoint_id = "", channel, version, task_id = "", task_path = "", idx = tolong(0), payload_type, payload, chunk, chunks, written_at;
+let writes = {WRITES.name}
+| where thread_id in (tids) and checkpoint_id in (cids)
+| join kind=leftouter dead_threads on thread_id
+| where isnull(thread_deleted_at) or written_at > thread_deleted_at
+| project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at;
+union blobs, writes"""
+
+
+
+def compaction_command(table: str, tombs: list[TombstoneRec]) -> tuple[str, dict[str, Any]]:
+    """``.delete table T records <| T | where ...`` for a batch of tombstones.
+
+    One disjunct per tombstone, each with its own generated parameter names.
+    """
+    decls: list[str] = []
+    preds: list[str] = []
+    params: dict[str, Any] = {}
+    for i, t in enumerate(tombs):
+        if t.scope == SCOPE_THREAD:
+            decls += [f"t{i}:string", f"d{i}:datetime"]
+            params[f"t{i}"] = t.thread_id
+            params[f"d{i}"] = us_to_datetime(t.deleted_at)
+            preds.append(f"(thread_id == t{i} and written_at < d{i})")
+        elif t.scope == SCOPE_CHECKPOINT and table in (CHECKPOINTS.name, WRITES.name):
+            decls += [f"t{i}:string", f"n{i}:string", f"c{i}:string", f"d{i}:datetime"]
+            params.update({
+                f"t{i}": t.thread_id, f"n{i}": t.checkpoint_ns,
+                f"c{i}": t.checkpoint_id, f"d{i}": us_to_datetime(t.deleted_at),
+            })
+            preds.append(
+                f"(thread_id == t{i} and checkpoint_ns == n{i} and checkpoint_id == c{i} and written_at < d{i})"
+            )
+        elif t.scope == SCOPE_RUN and table == CHECKPOINTS.name:
+            decls.append(f"r{i}:string")
+            params[f"r{i}"] = t.run_id
+            preds.append(f"(run_id == r{i})")
+    if not preds:
+        return "", {}
+    text = (
+        f".delete table {table} records <| declare query_parameters({', '.join(decls)});\n"
+        f"{table} | where {' or '.join(preds)}"
+    )
+    return text, params
+
+
+def all_templates() -> list[tuple[str, str]]:
+    """Every query shape, for the KQL checker and the embedded translator."""
+    return [
+        ("checkpoints", checkpoints_query(None, True)),
+        ("checkpoints_limit", checkpoints_query(10, True)),
+        ("checkpoint_headers", checkpoints_query(None, False)),
+        ("values", VALUES_QUERY),
+    ]

@@ -1,0 +1,191 @@
+"""The messages actors exchange. Plain data: strings, bytes, records, reply slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .mailbox import Message, Reply
+from .records import Record
+
+
+class Ticket:
+    """Tracks one put until every one of its rows is ingested (durability="ingested")."""
+
+    __slots__ = ("remaining", "reply")
+
+    def __init__(self, remaining: int, reply: Reply[Any]) -> None:
+        self.remaining = remaining
+        self.reply = reply
+
+    def done_rows(self, n: int) -> None:
+        self.remaining -= n
+        if self.remaining <= 0:
+            self.reply.set(None)
+
+
+# -- to the batcher ---------------------------------------------------------
+
+
+class Put(Message):
+    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views")
+
+    def __init__(
+        self,
+        records: list[Record],
+        rows: list[tuple[str, dict[str, Any], int, int]],
+        nbytes: int,
+        reply: Reply[Any] | None,
+        ticket: Ticket | None = None,
+        update_views: bool = True,
+    ) -> None:
+        super().__init__(reply)
+        self.records = records
+        #: (table, row, seq of its record, payload bytes)
+        self.rows = rows
+        self.nbytes = nbytes
+        self.ticket = ticket
+        self.update_views = update_views
+
+
+class Flush(Message):
+    __slots__ = ()
+
+
+class Tick(Message):
+    __slots__ = ()
+    redeliverable = False
+
+
+# -- to the ingestor --------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Batch:
+    batch_id: int
+    table: str
+    rows: list[dict[str, Any]]
+    seqs: list[int]
+    tickets: list[Ticket]
+    nbytes: int
+    attempts: int = 0
+
+
+class IngestBatch(Message):
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Batch) -> None:
+        super().__init__(None)
+        self.batch = batch
+
+
+class Drain(Message):
+    """Replies once every batch sent before it is done."""
+
+    __slots__ = ()
+
+
+# -- to the query cache -----------------------------------------------------
+
+
+class Accept(Message):
+    __slots__ = ("records", "update_views")
+
+    def __init__(self, records: list[Record], reply: Reply[Any] | None, update_views: bool) -> None:
+        super().__init__(reply)
+        self.records = records
+        self.update_views = update_views
+
+
+class Ingested(Message):
+    __slots__ = ("seqs", "error")
+
+    def __init__(self, seqs: list[int], error: BaseException | None = None) -> None:
+        super().__init__(None)
+        self.seqs = seqs
+        self.error = error
+
+
+@dataclass(slots=True)
+class ReadSpec:
+    """A read: one thread (or all), one namespace (or all), filters, limit."""
+
+    thread_ids: tuple[str, ...] | None
+    checkpoint_ns: str | None
+    checkpoint_id: str | None = None
+    before: str | None = None
+    limit: int | None = None
+    with_values: bool = True
+    #: get_tuple without checkpoint_id: the latest visible checkpoint, cached
+    latest: bool = False
+
+
+class Read(Message):
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: ReadSpec, reply: Reply[Any]) -> None:
+        super().__init__(reply)
+        self.spec = spec
+
+
+class QueryDone(Message):
+    __slots__ = ("request", "stage", "result", "error", "epoch")
+
+    def __init__(self, request: Read, stage: int, result: Any, error: BaseException | None, epoch: int) -> None:
+        super().__init__(None)
+        self.request = request
+        self.stage = stage
+        self.result = result
+        self.error = error
+        self.epoch = epoch
+
+
+# -- to the deleter ---------------------------------------------------------
+
+
+class DeleteThreads(Message):
+    __slots__ = ("thread_ids",)
+
+    def __init__(self, thread_ids: list[str], reply: Reply[Any]) -> None:
+        super().__init__(reply)
+        self.thread_ids = thread_ids
+
+
+class DeleteRuns(Message):
+    __slots__ = ("run_ids",)
+
+    def __init__(self, run_ids: list[str], reply: Reply[Any]) -> None:
+        super().__init__(reply)
+        self.run_ids = run_ids
+
+
+class Prune(Message):
+    __slots__ = ("thread_ids", "strategy")
+
+    def __init__(self, thread_ids: list[str], strategy: str, reply: Reply[Any]) -> None:
+        super().__init__(reply)
+        self.thread_ids = thread_ids
+        self.strategy = strategy
+
+
+class CopyThread(Message):
+    __slots__ = ("source", "target")
+
+    def __init__(self, source: str, target: str, reply: Reply[Any]) -> None:
+        super().__init__(reply)
+        self.source = source
+        self.target = target
+
+
+class Compact(Message):
+    __slots__ = ()
+    redeliverable = False
+
+
+@dataclass
+class DeleterState:
+    #: tombstones accepted, waiting to be ingested before compaction
+    pending: list[Any] = field(default_factory=list)
+    #: tombstones ingested, to compact physically
+    ready: list[Any] = field(default_factory=list)
+    compacted: int = 0

@@ -1,0 +1,98 @@
+"""Turning backend rows into records: dedup, chunk reassembly, visibility.
+
+Runs in the query cache's child tasks, never in its message loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from .records import BlobRec, CheckpointRec, WriteRec, newer_write, to_micros
+
+
+def _dyn(value: Any) -> Any:
+    if isinstance(value, (str, bytes)):
+        return orjson.loads(value) if value else None
+    return value
+
+
+def _versions(value: Any) -> dict[str, str]:
+    v = _dyn(value)
+    if not isinstance(v, dict):
+        return {}
+    return {str(k): str(x) for k, x in v.items()}
+
+
+def checkpoint_from_row(row: dict[str, Any]) -> CheckpointRec:
+    meta = _dyn(row.get("metadata"))
+    return CheckpointRec(
+        thread_id=row["thread_id"],
+        checkpoint_ns=row["checkpoint_ns"] or "",
+        checkpoint_id=row["checkpoint_id"],
+        parent_checkpoint_id=row.get("parent_checkpoint_id") or "",
+        run_id=row.get("run_id") or "",
+        channel_versions=_versions(row.get("channel_versions")),
+        new_versions=_versions(row.get("new_versions")),
+        metadata_json=orjson.dumps(meta if meta is not None else {}),
+        payload_type=row.get("payload_type") or "",
+        payload=row.get("payload") or "",
+        written_at=to_micros(row["written_at"]),
+    )
+
+
+def _assemble(parts: dict[int, str], chunks: int) -> tuple[str, bool]:
+    if chunks <= 1:
+        return parts.get(0, ""), 0 in parts
+    if len(parts) < chunks or any(i not in parts for i in range(chunks)):
+        return "", False
+    return "".join(parts[i] for i in range(chunks)), True
+
+
+def values_from_rows(
+    rows: Iterable[dict[str, Any]],
+) -> tuple[dict[tuple[str, str, str, str], BlobRec], dict[tuple[str, str, str, str, int], WriteRec]]:
+    """Blobs and writes from a ``VALUES_QUERY`` answer, deduplicated and reassembled.
+
+    Duplicated rows (a retried batch) are identical, so any copy serves. Of two
+    *different* writes with one key, :func:`newer_write` decides.
+    """
+    blob_parts: dict[tuple[Any, ...], tuple[dict[str, Any], dict[int, str]]] = {}
+    write_parts: dict[tuple[Any, ...], tuple[dict[str, Any], dict[int, str]]] = {}
+    for row in rows:
+        written_at = to_micros(row["written_at"])
+        chunk = int(row.get("chunk") or 0)
+        if row["kind_"] == "blob":
+            k = (row["thread_id"], row["checkpoint_ns"] or "", row["channel"], row["version"], written_at)
+            head, parts = blob_parts.setdefault(k, (row, {}))
+        else:
+            k = (
+                row["thread_id"], row["checkpoint_ns"] or "", row["checkpoint_id"],
+                row["task_id"], int(row["idx"]), written_at,
+            )
+            head, parts = write_parts.setdefault(k, (row, {}))
+        parts[chunk] = row.get("payload") or ""
+    blobs: dict[tuple[str, str, str, str], BlobRec] = {}
+    for (tid, ns, ch, ver, written_at), (head, parts) in blob_parts.items():
+        payload, complete = _assemble(parts, int(head.get("chunks") or 1))
+        rec = BlobRec(tid, ns, ch, ver, head.get("payload_type") or "", payload, written_at, complete=complete)
+        old = blobs.get(rec.key)
+        if old is None or (rec.complete and (not old.complete or rec.written_at > old.written_at)):
+            blobs[rec.key] = rec
+    writes: dict[tuple[str, str, str, str, int], WriteRec] = {}
+    for (tid, ns, cid, task, idx, written_at), (head, parts) in write_parts.items():
+        payload, complete = _assemble(parts, int(head.get("chunks") or 1))
+        rec = WriteRec(
+            tid, ns, cid, task, head.get("task_path") or "", idx, head.get("channel") or "",
+            head.get("payload_type") or "", payload, written_at, complete=complete,
+        )
+        old = writes.get(rec.key)
+        if old is None:
+            writes[rec.key] = rec
+        elif not old.complete:
+            writes[rec.key] = rec if rec.complete else old
+        elif rec.complete:
+            writes[rec.key] = newer_write(old, rec)
+    return blobs, writes

@@ -1,0 +1,285 @@
+"""Logical records the engine moves around, and the rows they become.
+
+A *record* is one logical value (a checkpoint, a channel blob, a pending write, a
+tombstone). It is built and encoded by the caller (the saver facade), so actors
+only move strings and bytes. A record becomes one or more physical *rows* of the
+tables in :mod:`.schema` (payloads over ``cell_limit`` are split into chunks).
+
+Times are integers: microseconds since the Unix epoch, UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import schema
+
+_seq = itertools.count(1)
+_last_us = 0
+
+
+def next_seq() -> int:
+    """Process-wide acceptance order of records (tombstones compare against it)."""
+    return next(_seq)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def us_to_datetime(us: int) -> dt.datetime:
+    """Exact conversion of epoch microseconds to an aware UTC datetime."""
+    return _EPOCH + dt.timedelta(microseconds=us)
+
+
+def to_micros(value: Any) -> int:
+    """Epoch microseconds of a datetime (naive means UTC) or of an int already."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    delta = value - _EPOCH.replace(tzinfo=None)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def now_us() -> int:
+    """Strictly increasing wall-clock microseconds within this process."""
+    global _last_us
+    t = time.time_ns() // 1000
+    if t <= _last_us:
+        t = _last_us + 1
+    _last_us = t
+    return t
+
+
+class JsonText(bytes):
+    """An already-encoded JSON value bound for a ``dynamic`` column."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class CheckpointRec:
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    parent_checkpoint_id: str
+    run_id: str
+    channel_versions: dict[str, str]
+    new_versions: dict[str, str]
+    metadata_json: bytes
+    payload_type: str
+    payload: str
+    written_at: int
+    seq: int = 0
+
+    table = schema.CHECKPOINTS.name
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.thread_id, self.checkpoint_ns, self.checkpoint_id)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload) + len(self.metadata_json) + 256
+
+    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "thread_id": self.thread_id,
+                "checkpoint_ns": self.checkpoint_ns,
+                "checkpoint_id": self.checkpoint_id,
+                "parent_checkpoint_id": self.parent_checkpoint_id,
+                "run_id": self.run_id,
+                "channel_versions": self.channel_versions,
+                "new_versions": self.new_versions,
+                "metadata": JsonText(self.metadata_json),
+                "payload_type": self.payload_type,
+                "payload": self.payload,
+                "written_at": self.written_at,
+            }
+        ]
+
+
+def _chunks(payload: str, cell_limit: int) -> list[str]:
+    if len(payload) <= cell_limit:
+        return [payload]
+    return [payload[i : i + cell_limit] for i in range(0, len(payload), cell_limit)]
+
+
+@dataclass(slots=True)
+class BlobRec:
+    thread_id: str
+    checkpoint_ns: str
+    channel: str
+    version: str
+    payload_type: str
+    payload: str
+    written_at: int
+    seq: int = 0
+    #: False when read from a backend with chunks missing: not yet visible
+    complete: bool = True
+
+    table = schema.BLOBS.name
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.thread_id, self.checkpoint_ns, self.channel, self.version)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload) + 160
+
+    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
+        parts = _chunks(self.payload, cell_limit)
+        return [
+            {
+                "thread_id": self.thread_id,
+                "checkpoint_ns": self.checkpoint_ns,
+                "channel": self.channel,
+                "version": self.version,
+                "payload_type": self.payload_type,
+                "payload": part,
+                "chunk": i,
+                "chunks": len(parts),
+                "written_at": self.written_at,
+            }
+            for i, part in enumerate(parts)
+        ]
+
+
+@dataclass(slots=True)
+class WriteRec:
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    task_id: str
+    task_path: str
+    idx: int
+    channel: str
+    payload_type: str
+    payload: str
+    written_at: int
+    seq: int = 0
+    complete: bool = True
+
+    table = schema.WRITES.name
+
+    @property
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.thread_id, self.checkpoint_ns, self.checkpoint_id, self.task_id, self.idx)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload) + 200
+
+    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
+        parts = _chunks(self.payload, cell_limit)
+        return [
+            {
+                "thread_id": self.thread_id,
+                "checkpoint_ns": self.checkpoint_ns,
+                "checkpoint_id": self.checkpoint_id,
+                "task_id": self.task_id,
+                "task_path": self.task_path,
+                "idx": self.idx,
+                "channel": self.channel,
+                "payload_type": self.payload_type,
+                "payload": part,
+                "chunk": i,
+                "chunks": len(parts),
+                "written_at": self.written_at,
+            }
+            for i, part in enumerate(parts)
+        ]
+
+
+def newer_write(old: WriteRec, new: WriteRec) -> WriteRec:
+    """Which of two writes with the same key stands.
+
+    LangGraph's savers keep the first write of a regular channel (idx >= 0) and
+    the last of a special one (errors, interrupts, resumes: idx < 0).
+    """
+    if old.idx >= 0:
+        return old if old.written_at <= new.written_at else new
+    return new if new.written_at >= old.written_at else old
+
+
+@dataclass(slots=True)
+class TombstoneRec:
+    scope: str
+    thread_id: str = ""
+    checkpoint_ns: str = ""
+    checkpoint_id: str = ""
+    run_id: str = ""
+    deleted_at: int = 0
+    seq: int = 0
+
+    table = schema.TOMBSTONES.name
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (self.scope, self.thread_id, self.checkpoint_ns, self.checkpoint_id, self.run_id)
+
+    @property
+    def nbytes(self) -> int:
+        return 200
+
+    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "scope": self.scope,
+                "thread_id": self.thread_id,
+                "checkpoint_ns": self.checkpoint_ns,
+                "checkpoint_id": self.checkpoint_id,
+                "run_id": self.run_id,
+                "deleted_at": self.deleted_at,
+            }
+        ]
+
+    def covers_checkpoint(self, rec: CheckpointRec) -> bool:
+        if self.scope == schema.SCOPE_THREAD:
+            return rec.thread_id == self.thread_id and rec.written_at < self.deleted_at
+        if self.scope == schema.SCOPE_RUN:
+            return rec.run_id == self.run_id
+        if self.scope == schema.SCOPE_CHECKPOINT:
+            return (
+                rec.checkpoint_id == self.checkpoint_id
+                and rec.thread_id == self.thread_id
+                and rec.checkpoint_ns == self.checkpoint_ns
+                and rec.written_at < self.deleted_at
+            )
+        return False
+
+    def covers_thread_row(self, thread_id: str, written_at: int) -> bool:
+        """For blobs and writes: only a thread deletion hides them directly."""
+        return (
+            self.scope == schema.SCOPE_THREAD
+            and thread_id == self.thread_id
+            and written_at < self.deleted_at
+        )
+
+
+Record = CheckpointRec | BlobRec | WriteRec | TombstoneRec
+
+
+@dataclass(slots=True)
+class Bundle:
+    """What a read returns for one checkpoint: its row, its blobs, its writes."""
+
+    checkpoint: CheckpointRec
+    blobs: dict[tuple[str, str], BlobRec] = field(default_factory=dict)
+    writes: list[WriteRec] = field(default_factory=list)
+
+    def visible(self) -> bool:
+        """All blobs written with the checkpoint are complete."""
+        for ch, ver in self.checkpoint.new_versions.items():
+            b = self.blobs.get((ch, ver))
+            if b is None or not b.complete:
+                return False
+        return True

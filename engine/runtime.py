@@ -1,0 +1,60 @@
+"""What every actor of one engine shares: settings, backend, mailboxes, telemetry.
+
+Nothing here is actor state: mailboxes are channels, ``replies`` is the set of
+reply slots still awaited (so a failing engine can answer them all), and
+``failure`` is written once, when the engine fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .backends.base import Backend
+from .config import EngineConfig
+from .errors import EngineFailedError
+from .mailbox import Mailbox, Reply
+from ..telemetry import Instruments
+
+
+@dataclass
+class Runtime:
+    config: EngineConfig
+    backend: Backend
+    instruments: Instruments
+    mailboxes: dict[str, Mailbox] = field(default_factory=dict)
+    replies: set[Reply[Any]] = field(default_factory=set)
+    failure: BaseException | None = None
+    #: errors of batches that could not be ingested; raised by flush()/close
+    ingest_errors: list[BaseException] = field(default_factory=list)
+    #: compaction failures (reads stay correct through tombstones; retried)
+    compaction_errors: list[BaseException] = field(default_factory=list)
+    query_limiter: anyio.CapacityLimiter | None = None
+
+    def reply(self) -> Reply[Any]:
+        return Reply(self.replies)
+
+    def mailbox(self, name: str) -> Mailbox:
+        return self.mailboxes[name]
+
+    def fail(self, actor: str, error: BaseException) -> None:
+        """Escalation: fail every waiter now and close every mailbox."""
+        if self.failure is not None:
+            return
+        self.failure = EngineFailedError(
+            f"the engine stopped: actor {actor!r} exceeded its restart intensity "
+            f"({self.config.max_restarts} restarts in {self.config.restart_window}s); "
+            f"last error: {error!r}"
+        )
+        self.failure.__cause__ = error
+        for mb in self.mailboxes.values():
+            mb.close()
+            for msg in mb.drain():
+                reply = getattr(msg, "reply", None)
+                if reply is not None:
+                    reply.fail(self.failure)
+            mb.close_receive()  # wakes senders blocked on a full mailbox
+        for reply in list(self.replies):
+            reply.fail(self.failure)

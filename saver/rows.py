@@ -1,0 +1,227 @@
+"""LangGraph objects to records and back: the CPU work, done in the caller.
+
+``encode_*`` run in the task that calls the saver, before anything is sent to
+an actor; ``decode_bundle`` runs after the reply. Actors only ever see strings.
+Serialized values are the serde's ``(type, bytes)`` pairs, stored as the type
+and the bytes in base64 (Kusto has no binary column type).
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from .engine.errors import ConfigError, KustoCheckpointError
+from .engine.records import BlobRec, Bundle, CheckpointRec, WriteRec, now_us
+
+
+class SerializationError(KustoCheckpointError, TypeError):
+    """A value could not be serialized; nothing of the call was stored."""
+
+
+def _ident(value: Any, what: str, *, required: bool = True) -> str | None:
+    """Ids are strings; ints and UUIDs are accepted and stored as their str()."""
+    if value is None:
+        if required:
+            raise ConfigError(f"config['configurable']['{what}'] is required")
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if type(value).__name__ == "UUID":
+        return str(value)
+    raise ConfigError(
+        f"config['configurable']['{what}'] must be a string (or int/UUID), got {type(value).__name__}"
+    )
+
+
+def configurable(config: Any) -> Mapping[str, Any]:
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config must be a dict with a 'configurable' dict, got {type(config).__name__}")
+    conf = config.get("configurable")
+    if not isinstance(conf, Mapping):
+        raise ConfigError("config['configurable'] must be a dict holding at least 'thread_id'")
+    return conf
+
+
+def thread_id_of(config: Any) -> str:
+    return _ident(configurable(config).get("thread_id"), "thread_id")  # type: ignore[return-value]
+
+
+def ids_of(config: Any, *, thread_required: bool = True) -> tuple[str | None, str, str | None]:
+    conf = configurable(config)
+    tid = _ident(conf.get("thread_id"), "thread_id", required=thread_required)
+    ns = conf.get("checkpoint_ns", "")
+    if ns is None:
+        ns = ""
+    if not isinstance(ns, str):
+        raise ConfigError(f"config['configurable']['checkpoint_ns'] must be a string, got {type(ns).__name__}")
+    cid = _ident(conf.get("checkpoint_id"), "checkpoint_id", required=False)
+    return tid, ns, cid or None
+
+
+def _b64(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return binascii.a2b_base64(text) if text else b""
+
+
+def _dump(serde: SerializerProtocol, value: Any, what: str) -> tuple[str, str]:
+    try:
+        type_, data = serde.dumps_typed(value)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the name of what failed
+        raise SerializationError(
+            f"cannot serialize {what} (a {type(value).__name__}): {exc}"
+        ) from exc
+    return type_, _b64(data)
+
+
+def _load(serde: SerializerProtocol, type_: str, payload: str) -> Any:
+    return serde.loads_typed((type_, _unb64(payload)))
+
+
+def _metadata_json(config: Any, metadata: CheckpointMetadata) -> bytes:
+    meta = get_checkpoint_metadata(config, metadata)
+    try:
+        return orjson.dumps(meta, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        bad = [k for k, v in meta.items() if not _jsonable(v)]
+        raise SerializationError(
+            f"checkpoint metadata must be JSON-serializable; key(s) {bad} are not: {exc}"
+        ) from exc
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS)
+        return True
+    except TypeError:
+        return False
+
+
+def encode_put(
+    serde: SerializerProtocol,
+    config: Any,
+    checkpoint: Checkpoint,
+    metadata: CheckpointMetadata,
+    new_versions: ChannelVersions,
+    cell_limit: int,
+) -> tuple[list[BlobRec | CheckpointRec], dict[str, Any]]:
+    """Records for one ``put``: the changed channels' blobs first, then the checkpoint."""
+    tid, ns, parent = ids_of(config)
+    assert tid is not None
+    if not isinstance(checkpoint, Mapping) or "id" not in checkpoint:
+        raise ConfigError("checkpoint must be a Checkpoint dict with an 'id'")
+    cid = _ident(checkpoint["id"], "checkpoint id")
+    assert cid is not None
+    c = dict(checkpoint)
+    values: dict[str, Any] = c.pop("channel_values", None) or {}
+    written_at = now_us()
+    records: list[BlobRec | CheckpointRec] = []
+    new_v: dict[str, str] = {}
+    for ch, ver in new_versions.items():
+        if ch in values:
+            type_, payload = _dump(serde, values[ch], f"the value of channel {ch!r}")
+        else:
+            type_, payload = "empty", ""
+        sver = str(ver)
+        new_v[ch] = sver
+        records.append(BlobRec(tid, ns, ch, sver, type_, payload, written_at))
+    type_, payload = _dump(serde, c, "the checkpoint")
+    if len(payload) > cell_limit:
+        raise SerializationError(
+            f"the checkpoint body (without channel values) is {len(payload)} characters, over "
+            f"cell_limit={cell_limit}: too many channels or versions in one checkpoint"
+        )
+    meta_json = _metadata_json(config, metadata)
+    if len(meta_json) > cell_limit:
+        raise SerializationError(f"checkpoint metadata is {len(meta_json)} bytes, over cell_limit={cell_limit}")
+    run_id = orjson.loads(meta_json).get("run_id") if b'"run_id"' in meta_json else None
+    records.append(
+        CheckpointRec(
+            thread_id=tid,
+            checkpoint_ns=ns,
+            checkpoint_id=cid,
+            parent_checkpoint_id=parent or "",
+            run_id=str(run_id) if run_id is not None else "",
+            channel_versions={k: str(v) for k, v in checkpoint.get("channel_versions", {}).items()},
+            new_versions=new_v,
+            metadata_json=meta_json,
+            payload_type=type_,
+            payload=payload,
+            written_at=written_at,
+        )
+    )
+    next_config = {"configurable": {"thread_id": tid, "checkpoint_ns": ns, "checkpoint_id": cid}}
+    return records, next_config
+
+
+def encode_writes(
+    serde: SerializerProtocol,
+    config: Any,
+    writes: Sequence[tuple[str, Any]],
+    task_id: str,
+    task_path: str,
+) -> list[WriteRec]:
+    tid, ns, cid = ids_of(config)
+    assert tid is not None
+    if cid is None:
+        raise ConfigError("put_writes needs config['configurable']['checkpoint_id'] (the checkpoint the writes belong to)")
+    if not isinstance(task_id, str):
+        raise ConfigError(f"task_id must be a string, got {type(task_id).__name__}")
+    written_at = now_us()
+    out = []
+    for idx, (channel, value) in enumerate(writes):
+        type_, payload = _dump(serde, value, f"the write to channel {channel!r}")
+        out.append(
+            WriteRec(
+                tid, ns, cid, task_id, task_path or "", WRITES_IDX_MAP.get(channel, idx),
+                channel, type_, payload, written_at,
+            )
+        )
+    return out
+
+
+def decode_bundle(serde: SerializerProtocol, bundle: Bundle) -> CheckpointTuple:
+    c = bundle.checkpoint
+    checkpoint: Checkpoint = _load(serde, c.payload_type, c.payload)
+    values: dict[str, Any] = {}
+    for ch, ver in checkpoint.get("channel_versions", {}).items():
+        blob = bundle.blobs.get((ch, str(ver)))
+        if blob is None or blob.payload_type == "empty":
+            continue
+        values[ch] = _load(serde, blob.payload_type, blob.payload)
+    checkpoint["channel_values"] = values
+    cfg = {"configurable": {"thread_id": c.thread_id, "checkpoint_ns": c.checkpoint_ns, "checkpoint_id": c.checkpoint_id}}
+    parent = (
+        {"configurable": {"thread_id": c.thread_id, "checkpoint_ns": c.checkpoint_ns, "checkpoint_id": c.parent_checkpoint_id}}
+        if c.parent_checkpoint_id
+        else None
+    )
+    return CheckpointTuple(
+        config=cfg,  # type: ignore[arg-type]
+        checkpoint=checkpoint,
+        metadata=orjson.loads(c.metadata_json),
+        parent_config=parent,  # type: ignore[arg-type]
+        pending_writes=[(w.task_id, w.channel, _load(serde, w.payload_type, w.payload)) for w in bundle.writes],
+    )
+
+
+def metadata_matches(bundle: Bundle, filter: Mapping[str, Any]) -> bool:
+    meta = orjson.loads(bundle.checkpoint.metadata_json)
+    return all(meta.get(k) == v for k, v in filter.items())

@@ -1,0 +1,1629 @@
+"""A loopback Kusto endpoint for tests: the real azure-kusto SDKs, over HTTP, no patching.
+
+``LoopbackKusto`` serves Kusto's REST API on ``127.0.0.1`` (a free port, a background
+thread) from an in-memory DuckDB database, running KQL through ``duckdb-kql``. Point the
+unmodified ``azure-kusto-data`` / ``azure-kusto-ingest`` clients at ``server.uri`` with
+``KustoConnectionStringBuilder.with_no_authentication(server.uri)`` (``server.kcsb()``).
+
+    with LoopbackKusto(database="testdb") as server:          # or: async with (anyio)
+        client = KustoClient(server.kcsb())
+        client.execute_mgmt("testdb", ".create-merge table T (a:string, d:dynamic)")
+        server.faults.fail_next(2, status=429, route="ingest")
+
+Supported
+---------
+* ``POST /v2/rest/query`` (and ``/v1/rest/query``): KQL through ``duckdb-kql``, answered in
+  the v2 frame format (v1 for /v1). ``properties`` is read as a JSON *string* (what the SDK
+  sends) or an object. ``declare query_parameters`` values are read the way Kusto reads
+  them (``decode_parameter``; ``encode_parameter`` is the matching encoder): every value is
+  a KQL literal in a string: a string as a double-quoted literal (``"..."`` with backslash
+  escapes), ``"long(5)"`` (or a JSON number, or digits), ``"dynamic(<JSON>)"``,
+  ``"datetime(2024-01-02T03:04:05.0000000Z)"``, ``"bool(true)"``, ``"real(1.5)"``,
+  ``"guid(..)"``, ``"timespan(1d)"``, ``"<type>(null)"``. Strict by default: a raw
+  (unquoted) string, a bare datetime, bare JSON or a JSON array/object for ``dynamic`` are
+  refused with a 400 saying what to send;
+  ``strict_parameters=False`` accepts them as Kusto does (a raw string verbatim -- unless it
+  is itself a literal: raw ``'x'`` reads as ``x``). Undeclared parameters are ignored.
+  Result columns keep their Kusto types, so the SDK returns str, int, datetime (aware UTC),
+  parsed JSON for dynamic, bool, float, and so on.
+* ``POST /v1/rest/mgmt``: a plain query (v1 answer) or one of these commands (``db`` must be
+  the served database; the SDK's ``NetDefaultDB`` placeholder is accepted here)::
+
+      .create table T (c:type, ...) [with (...)]      .create-merge table(s) T (...)[, U (...)]
+      .alter-merge table T (...)                      .drop table T [ifexists]
+      .create|.create-or-alter|.alter table T ingestion json mapping "name" '<json>' ['..' ..]
+      .drop table T ingestion json mapping "name"
+      .show table T ingestion [json] mappings         .show database [D] ingestion [json] mappings
+      .alter|.alter-merge table|database|materialized-view X policy P <anything>
+          (streamingingestion: enable | disable | '{"IsEnabled": ..}'; JSON literals are parsed,
+          anything else is kept as {"Command": text}; no policy has any effect but streaming)
+      .delete table|database|materialized-view X policy P
+      .show table|database|materialized-view X policy P
+      .create|.create-or-alter|.alter [async] [ifnotexists] materialized-view [with (..)] V
+          on table T { Q }   (emulated by a live DuckDB view named V: no materialization lag,
+          no materialized_view(); soft delete on it only counts)
+      .show materialized-views | .show materialized-view V | .drop materialized-view V
+      .show tables | .show databases | .show version
+      .show table T cslschema | .show table T schema as json
+      .show database [D] cslschema | .show database [D] schema as json
+      .delete table|materialized-view T records [with (whatif=true)]
+          <| [declare query_parameters(...);] T | where ... (where/extend/project only)
+      .execute database script [with (ContinueOnErrors=true)] <| one command per line
+          starting with '.' (answers Completed/Failed/Skipped per command, like Kusto)
+      .clear cache streaming ingestion schema         (no-op)
+      .get ingestion resources                        (refused: no queued ingestion)
+
+  Anything else: HTTP 400 with Kusto's error body (the SDK raises ``KustoApiError``).
+* ``POST /v1/rest/ingest/{db}/{table}?streamFormat=json|multijson|singlejson[&mappingName=m]``
+  (``KustoStreamingIngestClient``, ``ManagedStreamingIngestClient``'s streaming path): gzip or
+  deflate bodies (``Content-Encoding``), JSON objects one after another (or arrays of them for
+  multijson), mapped through the named JSON mapping (``Path`` JSONPath subset ``$.a.b``,
+  ``$['a']``, ``$.a[0]``, ``$``; ``ConstValue``; ``DateTimeFromUnix*`` transforms) or, with
+  no mapping name, by column name. A missing table or mapping is a permanent 400.
+  ``require_streaming_policy=True`` also refuses tables whose streaming ingestion policy
+  (table, else database) is not enabled, as Kusto does.
+* Fault injection (``server.faults``: ``fail_next``, ``delay_next``, ``drop_next``), request
+  counters per route (``server.counts``) and a log of every request (``server.requests``,
+  with the body and the ``Parameters`` exactly as the client sent them).
+
+Not supported
+-------------
+Authentication (none is checked), queued ingestion (``QueuedIngestClient`` and the managed
+client's fallback need the DM endpoint, blob storage and queues), ingestion from blob URLs,
+CSV/Avro/Parquet ingestion, update policies, ``materialized_view()``, progressive/streaming
+v2 responses, ``.show operations``, extents, purge, functions, and retention/caching policies
+having any effect. DuckDB folds identifier case, so two tables differing only in case
+collide. Dynamic literals in parameters must contain JSON (no single-quoted strings).
+Error codes and messages imitate Kusto's but are not byte-for-byte Kusto's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import decimal
+import gzip
+import json
+import re
+import socket
+import sys
+import threading
+import uuid
+import zlib
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import duckdb_kql
+from duckdb_kql.control import SCHEMA as _COMMAND_SCHEMA
+from duckdb_kql.control import strip_leading_comments
+from duckdb_kql.engine import schema as _duck_schema
+from duckdb_kql.errors import KqlError, KqlSchemaError, KqlSyntaxError
+from duckdb_kql.params import parse_timespan
+from duckdb_kql.server import KustoRestServer, Result, RestColumn, v1_response, v2_response
+from duckdb_kql.translate import TYPE_MAP, quote_ident
+from duckdb_kql.types import kusto_type
+
+__all__ = ["LoopbackKusto", "Faults", "LoggedRequest", "KustoRequestError", "decode_parameter",
+           "encode_parameter"]
+
+ROUTES = ("query", "mgmt", "ingest", "other")
+
+
+# ---------------------------------------------------------------------------
+# Errors, shaped the way the SDK reads them
+# ---------------------------------------------------------------------------
+
+
+class KustoRequestError(Exception):
+    """A request Kusto would refuse: becomes ``{"error": {...}}`` with *status*."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        code: str = "General_BadRequest",
+        kind: str = "Kusto.Data.Exceptions.KustoBadRequestException",
+        permanent: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.kind, self.permanent = status, code, kind, permanent
+
+    def body(self) -> dict[str, Any]:
+        return error_body(str(self), code=self.code, kind=self.kind, permanent=self.permanent)
+
+
+def error_body(message: str, *, code: str, kind: str, permanent: bool) -> dict[str, Any]:
+    # The SDK's KustoApiError reads code, message, @type, @message, @context, @permanent;
+    # the managed streaming client falls back to queued ingestion when @permanent is false.
+    return {
+        "error": {
+            "code": code,
+            "message": "Request is invalid and cannot be executed.",
+            "@type": kind,
+            "@message": message,
+            "@context": {"service": "kusto-loopback", "timestamp": _iso_now()},
+            "@permanent": permanent,
+        }
+    }
+
+
+def _not_found(kind: str, name: str) -> KustoRequestError:
+    return KustoRequestError(
+        f"Entity ID '{name}' of kind '{kind}' was not found.",
+        code="BadRequest_EntityNotFound",
+        kind="Kusto.Data.Exceptions.EntityNotFoundException",
+    )
+
+
+def _syntax(message: str) -> KustoRequestError:
+    return KustoRequestError(
+        f"Syntax error: {message}",
+        code="BadRequest_SyntaxError",
+        kind="Kusto.Data.Exceptions.SyntaxException",
+    )
+
+
+#: What a fault answers, per status, unless the test gives its own body.
+_FAULT_BODIES = {
+    429: ("TooManyRequests", "Kusto.DataNode.Exceptions.KustoRequestThrottledException",
+          "The request was denied due to throttling (injected by the loopback)."),
+    500: ("InternalServiceError", "Kusto.Data.Exceptions.KustoServiceException",
+          "Internal service error (injected by the loopback)."),
+    503: ("ServiceUnavailable", "Kusto.Common.Svc.Exceptions.ServiceUnavailableException",
+          "Service is unavailable (injected by the loopback)."),
+}
+
+
+def _iso_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---------------------------------------------------------------------------
+# Fault injection
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Rule:
+    kind: str  # "fail" | "delay" | "drop"
+    remaining: int
+    route: str | None
+    status: int = 503
+    body: Any = None
+    seconds: float = 0.0
+
+
+class Faults:
+    """Faults for the next requests, consumed in the order they were armed.
+
+    A request takes at most one ``delay`` rule and at most one ``fail``/``drop`` rule that
+    match its route (``None`` matches every route), so ``delay_next`` and ``fail_next``
+    combine into "slow, then an error".
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[_Rule] = []
+        #: faults actually applied, by kind ("fail", "delay", "drop")
+        self.injected: collections.Counter[str] = collections.Counter()
+
+    def fail_next(self, n: int = 1, status: int = 503, route: str | None = None, *,
+                  body: dict[str, Any] | str | None = None) -> None:
+        """Answer the next *n* matching requests with *status* and a Kusto error body
+        (``@permanent: false``), or *body* as given (a dict is JSON, a str is text/plain)."""
+        self._add(_Rule("fail", n, _check_route(route), status=status, body=body))
+
+    def delay_next(self, n: int = 1, seconds: float = 1.0, route: str | None = None) -> None:
+        """Hold the next *n* matching requests *seconds* before answering them normally."""
+        self._add(_Rule("delay", n, _check_route(route), seconds=seconds))
+
+    def drop_next(self, n: int = 1, route: str | None = None) -> None:
+        """Read the next *n* matching requests, then close the connection without answering."""
+        self._add(_Rule("drop", n, _check_route(route)))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    @property
+    def pending(self) -> int:
+        """Requests still to be affected by armed faults."""
+        with self._lock:
+            return sum(r.remaining for r in self._rules)
+
+    def _add(self, rule: _Rule) -> None:
+        if rule.remaining < 1:
+            raise ValueError("n must be at least 1")
+        with self._lock:
+            self._rules.append(rule)
+
+    def _take(self, route: str) -> tuple[_Rule | None, _Rule | None]:
+        delay = outcome = None
+        with self._lock:
+            for rule in self._rules:
+                if rule.route not in (None, route):
+                    continue
+                if rule.kind == "delay" and delay is None:
+                    delay = rule
+                elif rule.kind != "delay" and outcome is None:
+                    outcome = rule
+            for rule in (delay, outcome):
+                if rule is not None:
+                    rule.remaining -= 1
+                    self.injected[rule.kind] += 1
+            self._rules = [r for r in self._rules if r.remaining > 0]
+        return delay, outcome
+
+
+def _check_route(route: str | None) -> str | None:
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES} or None, not {route!r}")
+    return route
+
+
+@dataclasses.dataclass
+class LoggedRequest:
+    """One request as the loopback received it."""
+
+    route: str
+    method: str
+    path: str
+    headers: dict[str, str]
+    #: query/mgmt: the JSON body; ingest: the decompressed bytes
+    body: Any
+    status: int | None = None
+    #: the fault applied, if any ("fail", "drop"; "delay" is kept in ``delayed``)
+    fault: str | None = None
+    delayed: float = 0.0
+
+    @property
+    def csl(self) -> str | None:
+        return self.body.get("csl") if isinstance(self.body, dict) else None
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return _properties(self.body) if isinstance(self.body, dict) else {}
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """``Parameters`` exactly as the client sent them (before decoding)."""
+        return self.properties.get("Parameters") or {}
+
+
+def _properties(body: dict[str, Any]) -> dict[str, Any]:
+    raw = body.get("properties")
+    if isinstance(raw, str):  # what azure-kusto-data sends: json.dumps(...) of the bag
+        raw = json.loads(raw) if raw.strip() else {}
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise KustoRequestError("'properties' must be a JSON object or a string holding one")
+    return raw
+
+
+# ---------------------------------------------------------------------------
+# Query parameters: what the SDK sends, as Kusto reads it
+# ---------------------------------------------------------------------------
+
+_LITERAL_NAMES = {
+    "long": ("long", "int64"), "int": ("int", "int32"), "real": ("real", "double"),
+    "bool": ("bool", "boolean"), "datetime": ("datetime", "date"), "dynamic": ("dynamic",),
+    "guid": ("guid", "uuid", "uniqueid"), "timespan": ("timespan", "time"),
+    "decimal": ("decimal",), "string": (),
+}
+_CALL = re.compile(r"^\s*([A-Za-z_][\w]*)\s*\((.*)\)\s*$", re.S)
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def encode_parameter(value: Any, kind: str) -> str:
+    """A Python value as the ``Parameters`` string Kusto parses for a *kind* parameter.
+
+    The reference encoding for a production backend (it is what azure-kusto-go sends):
+    every value is a KQL literal in a string. Strings become a double-quoted literal with
+    ``\\``, ``"`` and control characters escaped; see ``decode_parameter`` for why a raw
+    string is not safe.
+    """
+    if value is None:
+        return f"{kind}(null)"
+    if kind == "string":
+        out = ['"']
+        for ch in str(value):
+            if ch in _QUOTE_ESCAPES:
+                out.append(_QUOTE_ESCAPES[ch])
+            elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or ch in "\u2028\u2029":
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        return "".join(out) + '"'
+    if kind in ("long", "int"):
+        return f"{kind}({int(value)})"
+    if kind == "real":
+        return f"real({float(value)!r})"
+    if kind == "bool":
+        return f"bool({str(bool(value)).lower()})"
+    if kind == "datetime":
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return f"datetime({value.strftime('%Y-%m-%dT%H:%M:%S.%f')}0Z)"
+    if kind == "dynamic":
+        return f"dynamic({json.dumps(value, ensure_ascii=False)})"
+    if kind == "guid":
+        return f"guid({uuid.UUID(str(value))})"
+    if kind == "timespan":
+        ticks = round(value.total_seconds() * 10_000_000)
+        sign, ticks = ("-" if ticks < 0 else ""), abs(ticks)
+        days, rest = divmod(ticks, 864_000_000_000)
+        hours, rest = divmod(rest, 36_000_000_000)
+        minutes, rest = divmod(rest, 600_000_000)
+        return f"timespan({sign}{days}.{hours:02}:{minutes:02}:{rest // 10_000_000:02}." \
+               f"{rest % 10_000_000:07})"
+    raise ValueError(f"no encoding for {kind!r}")
+
+
+_QUOTE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def decode_parameter(name: str, kind: str, value: Any, *, strict: bool = True) -> Any:
+    """One ``Parameters`` value, as sent on the wire, to the Python value of *kind*.
+
+    ``ClientRequestProperties.set_parameter(name, value)`` stores *value* untouched and
+    ``to_json()`` serializes the bag with ``json.dumps(..., default=str)``: a ``str`` goes
+    as a JSON string, an ``int`` as a JSON number, a ``list``/``dict`` as JSON array/object
+    and a ``datetime`` as ``str(dt)`` (``"2024-01-02 03:04:05+00:00"``). Kusto parses each
+    value as a literal of the declared type ("datetime(...)", "dynamic(<json>)", "long(5)";
+    long/int also as bare digits). For strings the docs show raw values ("Flash Flood")
+    while azure-kusto-go sends quoted literals ("\"Flash Flood\""), so Kusto reads a value
+    that *is* a KQL string literal as that literal and anything else verbatim: a raw
+    ``'x'`` arrives as ``x``. Hence ``strict`` (the default) accepts only literals for
+    strings (and the empty string); ``strict=False`` also takes non-literals verbatim.
+    """
+    if value is None:
+        return None
+    if kind == "string":
+        if not isinstance(value, str):
+            raise _bad_parameter(name, kind, value, "a string parameter is sent as a JSON string")
+        if value == "":
+            return ""
+        try:
+            text, end = read_literals(value, 0)
+            if not value[end:].strip():
+                return text
+        except KustoRequestError:
+            pass
+        if strict:
+            raise _bad_parameter(name, kind, value, 'send a KQL string literal, e.g. "a \\"b\\""'
+                                 " (a raw value that looks like a literal is unquoted by Kusto)")
+        return value
+
+    inner, wrapped = value, False
+    if isinstance(value, str):
+        inner = value.strip()
+        call = _CALL.match(inner)
+        if call and call.group(1).lower() in _LITERAL_NAMES.get(kind, ()):
+            inner, wrapped = call.group(2).strip(), True
+            if inner.lower() == "null":
+                return None
+
+    try:
+        if kind in ("long", "int"):
+            if isinstance(inner, bool):
+                raise ValueError
+            if isinstance(inner, int):
+                return inner
+            if isinstance(inner, float) and inner.is_integer() and not strict:
+                return int(inner)
+            if isinstance(inner, str) and _INTEGER.match(inner):
+                return int(inner)
+            raise ValueError
+        if kind == "real":
+            if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+                return float(inner)
+            return float(str(inner))
+        if kind == "bool":
+            if isinstance(inner, bool):
+                return inner
+            text = str(inner).lower()
+            if text in ("true", "false", "1", "0"):
+                return text in ("true", "1")
+            raise ValueError
+        if kind == "datetime":
+            if not isinstance(inner, str) or (strict and not wrapped):
+                raise ValueError("send a KQL literal: 'datetime(2024-01-02T03:04:05Z)'")
+            return parse_datetime(inner.strip("'\""))
+        if kind == "dynamic":
+            if not isinstance(value, str):
+                if strict:
+                    raise ValueError(
+                        "parameter values travel as strings: send 'dynamic(' + json.dumps(v) + ')'"
+                    )
+                return json.dumps(value)
+            if strict and not wrapped:
+                raise ValueError("send a KQL literal: 'dynamic(<json>)'")
+            return json.dumps(json.loads(inner))  # JSON text; duckdb-kql casts it to JSON
+        if kind == "guid":
+            return uuid.UUID(str(inner).strip("'\""))
+        if kind == "timespan":
+            span = parse_timespan(str(inner).strip("'\""))
+            if span is None:
+                raise ValueError
+            return span
+        if kind == "decimal":
+            return decimal.Decimal(str(inner))
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise _bad_parameter(name, kind, value, str(exc)) from None
+    raise _bad_parameter(name, kind, value, "type not supported by the loopback")
+
+
+def _bad_parameter(name: str, kind: str, value: Any, why: str) -> KustoRequestError:
+    hint = f": {why}" if why else ""
+    return KustoRequestError(
+        f"Semantic error: query parameter '{name}' of type '{kind}' has an invalid value "
+        f"{json.dumps(value, default=str)[:200]}{hint}",
+        code="BadRequest_InvalidArgument",
+    )
+
+
+def decode_parameters(csl: str, sent: Any, *, strict: bool) -> dict[str, Any]:
+    """Decode what the request sent for the parameters *csl* declares; ignore the rest."""
+    if not sent:
+        return {}
+    if not isinstance(sent, dict):
+        raise KustoRequestError("'Parameters' must be an object of name -> value")
+    declared = {d.name: d.type for d in duckdb_kql.query_parameters(csl)}
+    return {
+        name: decode_parameter(name, declared[name], value, strict=strict)
+        for name, value in sent.items()
+        if name in declared
+    }
+
+
+def parse_datetime(text: str) -> dt.datetime:
+    """ISO 8601 (``Z``/offset/space separator, up to 7 fraction digits) -> naive UTC."""
+    value = dt.datetime.fromisoformat(text.strip())
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Small parsers for the control-command dialect
+# ---------------------------------------------------------------------------
+
+_NAME = r"(?:\[\s*(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\s*\]|[A-Za-z_][\w]*)"
+#: C#-style escapes, as Kusto.Language decodes them (checked against its LiteralValue)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "0": "\0",
+            "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+_HEX_ESCAPE = re.compile(r"u([0-9a-fA-F]{4})|x([0-9a-fA-F]{1,4})")
+
+
+def _unname(token: str) -> str:
+    token = token.strip()
+    if token.startswith("["):
+        value, _ = read_literal(token[1:-1].strip(), 0)
+        return value
+    return token
+
+
+def read_literal(text: str, pos: int) -> tuple[str, int]:
+    """A KQL string literal at *pos* (after whitespace): ``'..'``, ``".."``, ``@'..'``,
+    ``h'..'`` or a ``` multi-line block. Returns (value, position after it)."""
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    if text.startswith("```", pos):
+        end = text.find("```", pos + 3)
+        if end < 0:
+            raise _syntax("unterminated ``` literal")
+        return text[pos + 3:end], end + 3
+    if pos < len(text) and text[pos] in "hH" and text[pos + 1:pos + 2] in ("'", '"', "@"):
+        pos += 1
+    verbatim = text.startswith(("@'", '@"'), pos)
+    pos += verbatim
+    if pos >= len(text) or text[pos] not in "'\"":
+        raise _syntax(f"expected a string literal at: {text[pos:pos + 40]!r}")
+    quote, out, i = text[pos], [], pos + 1
+    while i < len(text):
+        ch = text[i]
+        if verbatim and ch == quote:
+            if text[i + 1:i + 2] == quote:
+                out.append(quote)
+                i += 2
+                continue
+            return "".join(out), i + 1
+        if not verbatim and ch == "\\" and i + 1 < len(text):
+            hexa = _HEX_ESCAPE.match(text, i + 1)
+            if hexa:
+                out.append(chr(int(next(g for g in hexa.groups() if g), 16)))
+                i = hexa.end()
+                continue
+            if text[i + 1] not in _ESCAPES:
+                raise _syntax(f"unrecognized escape sequence \\{text[i + 1]}")
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+            continue
+        if ch in "\r\n" and not verbatim:
+            raise _syntax("a newline in a string literal must be escaped (\\n)")
+        if ch == quote:
+            # UTF-16 surrogate escapes (\ud83d\ude42) pair up, as in .NET strings
+            joined = "".join(out).encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+            return joined, i + 1
+        out.append(ch)
+        i += 1
+    raise _syntax("unterminated string literal")
+
+
+def read_literals(text: str, pos: int) -> tuple[str, int]:
+    """One or more adjacent string literals, concatenated as KQL does (``'[' '{..}' ']'``)."""
+    value, pos = read_literal(text, pos)
+    while True:
+        m = re.compile(r"\s*(?=[hH]?@?['\"]|```)").match(text, pos)
+        if m is None:
+            return value, pos
+        more, pos = read_literal(text, m.end())
+        value += more
+
+
+def _with_props(text: str | None) -> dict[str, str]:
+    """``k = v, k2 = 'v 2'`` (the inside of ``with (...)``) -> lowercase-keyed dict."""
+    props: dict[str, str] = {}
+    if not text:
+        return props
+    pos = 0
+    item = re.compile(r"\s*([A-Za-z_][\w]*)\s*=\s*")
+    while pos < len(text):
+        m = item.match(text, pos)
+        if not m:
+            break
+        pos = m.end()
+        if pos < len(text) and text[pos] in "'\"@":
+            value, pos = read_literal(text, pos)
+        else:
+            end = re.compile(r"\s*(,|$)").search(text, pos)
+            value, pos = text[pos:end.start()].strip(), end.start()
+        props[m.group(1).lower()] = value
+        comma = re.compile(r"\s*,?").match(text, pos)
+        pos = comma.end() if comma else len(text)
+    return props
+
+
+def _columns_decl(text: str) -> list[tuple[str, str]]:
+    """``a:string, ['b c']:dynamic`` -> [(name, canonical kql type)]."""
+    columns, pos = [], 0
+    item = re.compile(rf"\s*({_NAME})\s*:\s*([A-Za-z_][\w]*)\s*(?:,|$)")
+    text = text.strip()
+    while pos < len(text):
+        m = item.match(text, pos)
+        if not m:
+            raise _syntax(f"bad column declaration near {text[pos:pos + 40]!r}")
+        kind = m.group(2).lower()
+        if kind not in TYPE_MAP:
+            raise _syntax(f"unknown column type '{m.group(2)}'")
+        columns.append((_unname(m.group(1)), kusto_type(TYPE_MAP[kind])))
+        pos = m.end()
+    return columns
+
+
+def _split_script(script: str) -> list[str]:
+    """A database script: a command starts on each line whose first character is '.'."""
+    commands: list[list[str]] = []
+    in_block = False  # inside a ``` literal, a line starting with '.' is text
+    for line in script.splitlines():
+        if not in_block and line.lstrip().startswith("."):
+            commands.append([line])
+        elif commands:
+            commands[-1].append(line)
+        if line.count("```") % 2:
+            in_block = not in_block
+    return ["\n".join(c).strip() for c in commands]
+
+
+def _statement_split(predicate: str) -> tuple[str, str]:
+    """``declare query_parameters(...); T | where ...`` -> (declaration incl. ';', body)."""
+    text = predicate.strip()
+    if not re.match(r"declare\s+query_parameters\s*\(", text, re.I):
+        return "", text
+    depth, quote, i = 0, "", 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == ";" and depth == 0:
+            return text[:i + 1], text[i + 1:].strip()
+        i += 1
+    raise _syntax("declare query_parameters(...) must end with ';'")
+
+
+# ---------------------------------------------------------------------------
+# JSON ingestion mappings
+# ---------------------------------------------------------------------------
+
+_PATH_STEP = re.compile(r"\.([A-Za-z_$][\w$-]*)|\[\s*'((?:[^'\\]|\\.)*)'\s*\]"
+                        r"|\[\s*\"((?:[^\"\\]|\\.)*)\"\s*\]|\[\s*(\d+)\s*\]")
+_MISSING = object()
+_UNIX = {"datetimefromunixseconds": 1, "datetimefromunixmilliseconds": 1e3,
+         "datetimefromunixmicroseconds": 1e6, "datetimefromunixnanoseconds": 1e9}
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnMapping:
+    column: str
+    path: str | None
+    const: str | None
+    transform: str | None
+
+
+def parse_mapping(text: str) -> list[ColumnMapping]:
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise KustoRequestError(f"Ingestion mapping is not valid JSON: {exc}") from None
+    if not isinstance(entries, list):
+        raise KustoRequestError("Ingestion mapping must be a JSON array")
+    out = []
+    for entry in entries:
+        lowered = {k.lower(): v for k, v in entry.items()} if isinstance(entry, dict) else {}
+        props = {k.lower(): v for k, v in (lowered.get("properties") or {}).items()}
+        column = lowered.get("column")
+        if not isinstance(column, str) or not column:
+            raise KustoRequestError(f"Ingestion mapping entry without a column: {entry!r}")
+        path = props.get("path", lowered.get("path"))
+        const = props.get("constvalue", lowered.get("constvalue"))
+        transform = props.get("transform", lowered.get("transform"))
+        if transform and transform.lower() not in _UNIX and transform.lower() != "none":
+            raise KustoRequestError(
+                f"Mapping transform '{transform}' is not supported by the loopback")
+        if path is not None and not re.fullmatch(rf"\$(?:{_PATH_STEP.pattern})*", path):
+            raise KustoRequestError(f"Mapping path '{path}' is not supported by the loopback")
+        out.append(ColumnMapping(column, path, const, transform))
+    return out
+
+
+def _extract(doc: Any, path: str) -> Any:
+    value = doc
+    for m in _PATH_STEP.finditer(path, 1):
+        name, sq, dq, index = m.groups()
+        if index is not None:
+            if not isinstance(value, list) or int(index) >= len(value):
+                return _MISSING
+            value = value[int(index)]
+            continue
+        key = name if name is not None else re.sub(r"\\(.)", r"\1", sq if sq is not None else dq)
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def _to_column(value: Any, kind: str) -> Any:
+    """A JSON value as a DuckDB value for a column of Kusto *kind* (null when it does not
+    convert, as Kusto does)."""
+    if value is None or value is _MISSING:
+        return None
+    try:
+        if kind == "string":
+            return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if kind == "dynamic":
+            return json.dumps(value, ensure_ascii=False)
+        if kind in ("long", "int"):
+            if isinstance(value, bool):
+                return int(value)
+            if isinstance(value, float):
+                return int(value) if value.is_integer() else None
+            return int(value)
+        if kind == "real":
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                return {"true": True, "false": False}.get(value.lower())
+            return bool(value)
+        if kind == "datetime":
+            return parse_datetime(value) if isinstance(value, str) else None
+        if kind == "guid":
+            return uuid.UUID(str(value))
+        if kind == "timespan":
+            return parse_timespan(str(value))
+        if kind == "decimal":
+            return decimal.Decimal(str(value))
+    except (ValueError, TypeError, ArithmeticError):
+        return None
+    return value
+
+
+def _json_documents(data: str, fmt: str) -> list[dict[str, Any]]:
+    decoder, pos, docs = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(data) and data[pos] in " \t\r\n,\ufeff":
+            pos += 1
+        if pos >= len(data):
+            return docs
+        try:
+            value, pos = decoder.raw_decode(data, pos)
+        except ValueError as exc:
+            raise KustoRequestError(
+                f"Stream ingestion failed: invalid {fmt} data at offset {pos}: {exc}",
+                code="BadRequest_InvalidData",
+            ) from None
+        values = value if isinstance(value, list) and fmt == "multijson" else [value]
+        docs.extend(values)
+        if not all(isinstance(v, dict) for v in values):
+            raise KustoRequestError(
+                f"Stream ingestion failed: {fmt} records must be JSON objects",
+                code="BadRequest_InvalidData",
+            )
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+
+class _HTTPServer(KustoRestServer):
+    """duckdb-kql's REST server (socket, DuckDB connection, ``run``), with our handler."""
+
+    daemon_threads = True
+
+    def __init__(self, owner: LoopbackKusto, con: Any) -> None:
+        super().__init__(con, port=0, quiet=owner.quiet)
+        self.RequestHandlerClass = _Handler
+        self._lock = threading.RLock()  # shared by ``run`` and every DuckDB access of ours
+        self.owner = owner
+        self.connections: set[socket.socket] = set()
+        self.workers: set[threading.Thread] = set()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        me = threading.current_thread()
+        self.workers.add(me)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.workers.discard(me)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+            return  # a client that went away (timeouts, drops): not a server bug
+        self.owner.errors.append(exc)
+        if not self.quiet:
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "kusto-loopback/1"
+
+    @property
+    def owner(self) -> LoopbackKusto:
+        return self.server.owner  # type: ignore[attr-defined]
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        if not self.owner.quiet:
+            super().log_message(fmt, *args)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
+        if isinstance(payload, (bytes, str)):
+            body = payload.encode() if isinstance(payload, str) else payload
+        else:
+            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's interface
+        self.owner._count("other")
+        self._send(404 if self.path.rstrip("/") else 200,
+                   {"name": "kusto-loopback", "database": self.owner.database})
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's interface
+        owner = self.owner
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/")
+        route = ("query" if path in ("/v1/rest/query", "/v2/rest/query")
+                 else "mgmt" if path in ("/v1/rest/mgmt", "/v2/rest/mgmt")
+                 else "ingest" if path.startswith("/v1/rest/ingest/") else "other")
+        raw = self._read_body()
+        entry = LoggedRequest(route, "POST", self.path, dict(self.headers.items()), raw)
+        if route in ("query", "mgmt"):
+            try:
+                entry.body = json.loads(raw or b"{}")
+            except ValueError:
+                pass  # answered below, unless a fault comes first
+        owner._count(route, entry)
+        delay, outcome = owner.faults._take(route)
+        if delay is not None:
+            entry.delayed = delay.seconds
+            if owner._stopping.wait(delay.seconds):
+                outcome = _Rule("drop", 1, None)  # shutting down: do not answer
+        if outcome is not None and outcome.kind == "drop":
+            entry.fault = "drop"
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if outcome is not None:
+            entry.fault, entry.status = "fail", outcome.status
+            if isinstance(outcome.body, str):
+                self._send(outcome.status, outcome.body, "text/plain")
+            else:
+                code, kind, message = _FAULT_BODIES.get(
+                    outcome.status, ("General_Error", "Kusto.Data.Exceptions.KustoServiceException",
+                                     f"HTTP {outcome.status} (injected by the loopback)."))
+                self._send(outcome.status, outcome.body or error_body(
+                    message, code=code, kind=kind, permanent=False))
+            return
+        try:
+            if route == "ingest":
+                status, payload = owner._ingest(url, self.headers, raw, entry)
+            elif route in ("query", "mgmt"):
+                request = entry.body
+                if not isinstance(request, dict):
+                    raise KustoRequestError("request body must be a JSON object")
+                request_id = self.headers.get("x-ms-client-request-id", str(uuid.uuid4()))
+                v2 = path.startswith("/v2/")
+                status, payload = owner._execute(route, v2, request, request_id)
+            else:
+                raise KustoRequestError(f"no route for POST {url.path}", status=404,
+                                        code="General_NotFound")
+        except KustoRequestError as exc:
+            status, payload = exc.status, exc.body()
+        except Exception as exc:  # noqa: BLE001 - a loopback bug: answer, and keep it for the test
+            owner.errors.append(exc)
+            status, payload = 500, error_body(f"loopback internal error: {exc!r}",
+                                              code="InternalServiceError",
+                                              kind="Kusto.Data.Exceptions.KustoServiceException",
+                                              permanent=True)
+        entry.status = status
+        self._send(status, payload)
+
+
+# ---------------------------------------------------------------------------
+# The endpoint
+# ---------------------------------------------------------------------------
+
+
+class LoopbackKusto:
+    """A Kusto endpoint on 127.0.0.1 backed by in-memory DuckDB. See the module docstring.
+
+    Attributes: ``uri``, ``database``, ``faults`` (:class:`Faults`), ``counts`` (requests per
+    route: "query", "mgmt", "ingest", "other"), ``requests`` (every :class:`LoggedRequest`),
+    ``errors`` (exceptions the handler did not turn into an answer: should stay empty),
+    ``mappings`` ({(table, name): (kind, json text)}), ``policies``
+    ({(entity kind, entity name, policy): value}), ``materialized_views`` ({name: info}).
+    """
+
+    def __init__(self, database: str = "testdb", *, strict_parameters: bool = True,
+                 require_streaming_policy: bool = False, quiet: bool = True) -> None:
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", database):
+            raise ValueError(f"unsupported database name {database!r}")
+        self.database = database
+        self.strict_parameters = strict_parameters
+        self.require_streaming_policy = require_streaming_policy
+        self.quiet = quiet
+        self.faults = Faults()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.requests: list[LoggedRequest] = []
+        self.errors: list[BaseException] = []
+        self.mappings: dict[tuple[str, str], tuple[str, str]] = {}
+        self.policies: dict[tuple[str, str, str], Any] = {}
+        self.materialized_views: dict[str, dict[str, Any]] = {}
+        self._table_props: dict[str, dict[str, str]] = {}
+        self._log_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> LoopbackKusto:
+        if self._httpd is not None or self._stopping.is_set():
+            raise RuntimeError("a LoopbackKusto starts once; make a new one")
+        con = duckdb_kql.connect()
+        con.execute(f"ATTACH ':memory:' AS {quote_ident(self.database)}")
+        con.execute(f"USE {quote_ident(self.database)}")
+        self.con = con
+        self._httpd = _HTTPServer(self, con)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+            name=f"kusto-loopback:{self._httpd.server_address[1]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        httpd = self._httpd
+        if httpd is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()
+        for sock in list(httpd.connections):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for worker in list(httpd.workers):
+            worker.join(timeout=5)
+        httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with httpd._lock:
+            self.con.close()
+        self._httpd = None
+
+    def __enter__(self) -> LoopbackKusto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> LoopbackKusto:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        import anyio
+
+        await anyio.to_thread.run_sync(self.stop)
+
+    # -- conveniences for tests -----------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("not started")
+        return self._httpd.url
+
+    def kcsb(self) -> Any:
+        """``KustoConnectionStringBuilder.with_no_authentication(uri)``, default db set."""
+        from azure.kusto.data import KustoConnectionStringBuilder
+
+        kcsb = KustoConnectionStringBuilder.with_no_authentication(self.uri)
+        kcsb.initial_catalog = self.database
+        return kcsb
+
+    def sql(self, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """Run DuckDB SQL directly (serialized with the requests)."""
+        with self._lock:
+            cursor = self.con.execute(statement, params) if params else self.con.execute(statement)
+            return cursor.fetchall() if cursor.description else []
+
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of *table* in insertion order, dynamic columns parsed."""
+        columns = self._columns(table)
+        if columns is None:
+            raise KeyError(table)
+        out = []
+        for row in self.sql(f"SELECT * FROM {quote_ident(table)} ORDER BY rowid"):
+            out.append({name: (json.loads(v) if kind == "dynamic" and v is not None else v)
+                        for (name, kind), v in zip(columns.items(), row, strict=True)})
+        return out
+
+    def streaming_enabled(self, table: str) -> bool:
+        for key in (("table", table), ("database", self.database)):
+            policy = self.policies.get((*key, "streamingingestion"))
+            if isinstance(policy, dict) and "IsEnabled" in policy:
+                return bool(policy["IsEnabled"])
+        return False
+
+    # -- internals ----------------------------------------------------------
+
+    @property
+    def _lock(self) -> threading.RLock:
+        assert self._httpd is not None, "not started"
+        return self._httpd._lock
+
+    def _count(self, route: str, entry: LoggedRequest | None = None) -> None:
+        with self._log_lock:
+            self.counts[route] += 1
+            if entry is not None:
+                self.requests.append(entry)
+
+    def _columns(self, table: str) -> dict[str, str] | None:
+        """Kusto column types of base table *table* (exact name), or None."""
+        with self._lock:
+            rows = self.con.execute(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_catalog = current_database() AND table_name = ? "
+                "AND table_name IN (SELECT table_name FROM information_schema.tables "
+                "  WHERE table_catalog = current_database() AND table_type = 'BASE TABLE') "
+                "ORDER BY ordinal_position", [table]).fetchall()
+        return {c: kusto_type(t) for name, c, t in rows if name == table} or None
+
+    def _tables(self) -> list[str]:
+        with self._lock:
+            rows = self.con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_catalog = "
+                "current_database() AND table_type = 'BASE TABLE' ORDER BY table_name").fetchall()
+        return [r[0] for r in rows]
+
+    def _require_table(self, table: str) -> dict[str, str]:
+        columns = self._columns(table)
+        if columns is None:
+            raise _not_found("Table", table)
+        return columns
+
+    def _check_database(self, name: str | None) -> None:
+        if name and name != self.database:
+            raise _not_found("Database", name)
+
+    # -- query and mgmt -------------------------------------------------------
+
+    def _execute(self, route: str, v2: bool, request: dict[str, Any], request_id: str
+                 ) -> tuple[int, Any]:
+        csl = request.get("csl")
+        if not isinstance(csl, str) or not csl.strip():
+            raise KustoRequestError("request has no 'csl' to run")
+        if not (route == "mgmt" and request.get("db") == "NetDefaultDB"):
+            # NetDefaultDB: the SDK's placeholder when no database is given (e.g. the queued
+            # ingest client's cluster-level commands)
+            self._check_database(request.get("db"))
+        properties = _properties(request)
+        parameters = properties.get("Parameters") or {}
+        options = {str(k).lower(): v for k, v in (properties.get("Options") or {}).items()}
+        head = strip_leading_comments(csl).strip()
+        if head.startswith("."):
+            if route != "mgmt":
+                raise KustoRequestError(
+                    "Control commands must be sent to the management endpoint (/v1/rest/mgmt)")
+            return 200, self._command(head, parameters)
+        result = self._query(csl, parameters, options)
+        return 200, (v2_response(result, request_id) if v2 else v1_response(result))
+
+    def _query(self, csl: str, parameters: Any, options: dict[str, Any]) -> Result:
+        try:
+            decoded = decode_parameters(csl, parameters, strict=self.strict_parameters)
+            assert self._httpd is not None
+            return self._httpd.run(csl, decoded or None, self.database, options)
+        except KqlError as exc:
+            raise _kql_error(exc) from None
+        except KustoRequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any engine failure is the answer
+            raise KustoRequestError(f"Query execution failed: {exc}") from None
+
+    def _command(self, text: str, parameters: Any = None) -> dict[str, Any]:
+        text = text.strip().rstrip(";").strip()
+        for pattern, handler in _COMMANDS:
+            m = pattern.match(text)
+            if m:
+                try:
+                    with self._lock:  # one command at a time, like a database's admin queue
+                        return handler(self, m, parameters)
+                except KustoRequestError:
+                    raise
+                except KqlError as exc:
+                    raise _kql_error(exc) from None
+                except Exception as exc:  # noqa: BLE001 - e.g. a DuckDB error: the answer
+                    raise KustoRequestError(f"Command failed: {exc}") from None
+        raise _syntax(f"the loopback does not support this command: {text[:120]!r}")
+
+    # tables ------------------------------------------------------------------
+
+    def _cmd_create_table(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        verb = m.group("verb").lower()
+        created = []
+        for tm in re.finditer(rf"({_NAME})\s*\(([^)]*)\)", m.group("tables")):
+            table, declared = _unname(tm.group(1)), _columns_decl(tm.group(2))
+            existing = self._columns(table)
+            with self._lock:
+                if existing is None:
+                    if verb == "alter-merge":
+                        raise _not_found("Table", table)
+                    cols = ", ".join(f"{quote_ident(c)} {TYPE_MAP[k]}" for c, k in declared)
+                    self.con.execute(f"CREATE TABLE {quote_ident(table)} ({cols})")
+                else:
+                    for column, kind in declared:
+                        if column in existing and existing[column] != kind:
+                            raise KustoRequestError(
+                                f"Column '{column}' of table '{table}' is of type "
+                                f"'{existing[column]}'; it cannot be changed to '{kind}'")
+                        if column not in existing:
+                            if verb == "create":
+                                raise KustoRequestError(
+                                    f"Table '{table}' already exists with a different schema")
+                            self.con.execute(f"ALTER TABLE {quote_ident(table)} ADD COLUMN "
+                                             f"{quote_ident(column)} {TYPE_MAP[kind]}")
+            self._table_props.setdefault(table, {}).update(_with_props(m.group("with")))
+            created.append(table)
+        return self._cslschema_result(created)
+
+    def _cmd_drop_table(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        table = _unname(m.group("table"))
+        if self._columns(table) is None:
+            if m.group("ifexists"):
+                return self._show_tables_result()
+            raise _not_found("Table", table)
+        with self._lock:
+            self.con.execute(f"DROP TABLE {quote_ident(table)}")
+        for key in [k for k in self.mappings if k[0] == table]:
+            del self.mappings[key]
+        for key in [k for k in self.policies if k[:2] == ("table", table)]:
+            del self.policies[key]
+        self._table_props.pop(table, None)
+        return self._show_tables_result()
+
+    def _show_tables_result(self) -> dict[str, Any]:
+        return _v1([("TableName", "string"), ("DatabaseName", "string"), ("Folder", "string"),
+                    ("DocString", "string")],
+                   [[t, self.database, self._table_props.get(t, {}).get("folder"),
+                     self._table_props.get(t, {}).get("docstring")] for t in self._tables()])
+
+    def _cmd_show_tables(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        return self._show_tables_result()
+
+    def _cslschema_result(self, tables: list[str]) -> dict[str, Any]:
+        rows = []
+        for table in tables:
+            columns = self._require_table(table)
+            props = self._table_props.get(table, {})
+            rows.append([table, ",".join(f"{_cslname(c)}:{k}" for c, k in columns.items()),
+                         self.database, props.get("folder"), props.get("docstring")])
+        return _v1([("TableName", "string"), ("Schema", "string"), ("DatabaseName", "string"),
+                    ("Folder", "string"), ("DocString", "string")], rows)
+
+    def _table_schema_json(self, table: str) -> dict[str, Any]:
+        from duckdb_kql.types import net_type
+
+        return {"Name": table, "OrderedColumns": [
+            {"Name": c, "Type": net_type(k), "CslType": k}
+            for c, k in self._require_table(table).items()]}
+
+    def _cmd_show_table_schema(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        table = _unname(m.group("table"))
+        if m.group("form").lower() == "cslschema":
+            return self._cslschema_result([table])
+        props = self._table_props.get(table, {})
+        return _v1([("TableName", "string"), ("Schema", "string"), ("DatabaseName", "string"),
+                    ("Folder", "string"), ("DocString", "string")],
+                   [[table, json.dumps(self._table_schema_json(table)), self.database,
+                     props.get("folder"), props.get("docstring")]])
+
+    def _cmd_show_database_schema(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        if m.group("db"):
+            self._check_database(_unname(m.group("db")))
+        if m.group("form").lower() == "cslschema":
+            return self._cslschema_result(self._tables())
+        schema = {"Databases": {self.database: {
+            "Name": self.database,
+            "Tables": {t: self._table_schema_json(t) for t in self._tables()},
+            "MaterializedViews": {n: {"Name": n, "SourceTable": v["source"], "Query": v["query"]}
+                                  for n, v in self.materialized_views.items()},
+            "ExternalTables": {}, "Functions": {},
+        }}}
+        return _v1([("DatabaseSchema", "string")], [[json.dumps(schema)]])
+
+    def _cmd_show_databases(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        columns = _COMMAND_SCHEMA[".show databases"]
+        values = {"DatabaseName": self.database, "PersistentStorage": "", "Version": "v1.0",
+                  "IsCurrent": True, "DatabaseAccessMode": "ReadWrite", "PrettyName": None,
+                  "ReservedSlot1": None, "DatabaseId": None, "InTransitionTo": "",
+                  "SuspensionState": None}
+        return v1_response(Result([RestColumn(c.name, c.column_type or "string", c.data_type,
+                                              c.column_type) for c in columns],
+                                  [[values[c.name] for c in columns]]))
+
+    def _cmd_show_version(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        return v1_response(self._query(".show version", None, {}))
+
+    # ingestion mappings --------------------------------------------------------
+
+    def _cmd_mapping(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        verb, kind = m.group("verb").lower(), m.group("kind").lower()
+        table = _unname(m.group("table"))
+        rest = m.group("rest")
+        name, pos = (read_literal(rest, 0) if rest.lstrip()[:1] in ("'", '"', "@")
+                     else _bare_name(rest))
+        body, pos = read_literals(rest, pos)
+        if rest[pos:].strip() and not re.fullmatch(r"\s*with\s*\(.*\)\s*", rest[pos:], re.S):
+            raise _syntax(f"unexpected text after the mapping: {rest[pos:pos + 40]!r}")
+        columns = self._require_table(table)
+        if kind != "json":
+            raise KustoRequestError(f"The loopback only supports json mappings, not '{kind}'")
+        unknown = [e.column for e in parse_mapping(body) if e.column not in columns]
+        if unknown:
+            raise KustoRequestError(f"Mapping refers to columns that table '{table}' does not "
+                                    f"have: {unknown}")
+        exists = (table, name) in self.mappings
+        if verb == "create" and exists:
+            raise KustoRequestError(f"Ingestion mapping '{name}' already exists on table '{table}'",
+                                    code="BadRequest_EntityAlreadyExists")
+        if verb == "alter" and not exists:
+            raise _not_found("IngestionMapping", name)
+        self.mappings[(table, name)] = (kind, body)
+        return self._mappings_result([(table, name)])
+
+    def _cmd_drop_mapping(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        table, rest = _unname(m.group("table")), m.group("rest")
+        name, _ = (read_literal(rest, 0) if rest.lstrip()[:1] in ("'", '"', "@")
+                   else _bare_name(rest))
+        if self.mappings.pop((table, name), None) is None:
+            raise _not_found("IngestionMapping", name)
+        return self._mappings_result([k for k in self.mappings if k[0] == table])
+
+    def _cmd_show_mappings(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        scope = m.group("scope").lower()
+        if scope == "table":
+            table = _unname(m.group("name"))
+            self._require_table(table)
+            keys = [k for k in self.mappings if k[0] == table]
+        else:
+            if m.group("name"):
+                self._check_database(_unname(m.group("name")))
+            keys = list(self.mappings)
+        kind = (m.group("kind") or "").lower()
+        return self._mappings_result([k for k in keys if not kind or self.mappings[k][0] == kind])
+
+    def _mappings_result(self, keys: list[tuple[str, str]]) -> dict[str, Any]:
+        return _v1([("Name", "string"), ("Kind", "string"), ("Mapping", "string"),
+                    ("LastUpdatedOn", "datetime"), ("Database", "string"), ("Table", "string")],
+                   [[name, self.mappings[(table, name)][0].capitalize(),
+                     self.mappings[(table, name)][1], None, self.database, table]
+                    for table, name in keys])
+
+    # policies --------------------------------------------------------------------
+
+    def _entity(self, kind: str, raw: str) -> tuple[str, str]:
+        kind, name = kind.lower(), _unname(raw)
+        if kind == "database":
+            self._check_database(name)
+        elif kind == "table":
+            self._require_table(name)
+        elif name not in self.materialized_views:
+            raise _not_found("MaterializedView", name)
+        return kind, name
+
+    def _cmd_alter_policy(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        kind, name = self._entity(m.group("kind"), m.group("name"))
+        policy, rest = m.group("policy").lower(), m.group("rest").strip()
+        value: Any
+        if rest[:1] in ("'", '"', "@", "`"):
+            text, _ = read_literal(rest, 0)
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise KustoRequestError(f"Policy '{policy}' is not valid JSON") from None
+        elif policy == "streamingingestion" and rest.lower() in ("enable", "disable"):
+            value = {"IsEnabled": rest.lower() == "enable"}
+        else:
+            value = {"Command": rest}
+        if m.group("verb").lower() == "alter-merge" and isinstance(
+                self.policies.get((kind, name, policy)), dict) and isinstance(value, dict):
+            value = {**self.policies[(kind, name, policy)], **value}
+        self.policies[(kind, name, policy)] = value
+        return self._policy_result(kind, name, policy)
+
+    def _cmd_delete_policy(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        kind, name = self._entity(m.group("kind"), m.group("name"))
+        self.policies.pop((kind, name, m.group("policy").lower()), None)
+        return self._policy_result(kind, name, m.group("policy").lower())
+
+    def _cmd_show_policy(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        kind, name = self._entity(m.group("kind"), m.group("name"))
+        return self._policy_result(kind, name, m.group("policy").lower())
+
+    def _policy_result(self, kind: str, name: str, policy: str) -> dict[str, Any]:
+        entity = f"[{self.database}]" if kind == "database" else f"[{self.database}].[{name}]"
+        value = self.policies.get((kind, name, policy))
+        return _v1([("PolicyName", "string"), ("EntityName", "string"), ("Policy", "string"),
+                    ("ChildEntities", "string"), ("EntityType", "string")],
+                   [[_POLICY_NAMES.get(policy, policy.capitalize()) + "Policy", entity,
+                     json.dumps(value), None,
+                     {"materialized-view": "MaterializedView"}.get(kind, kind.capitalize())]])
+
+    # materialized views ---------------------------------------------------------
+
+    def _cmd_create_view(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        verb, name = m.group("verb").lower(), _unname(m.group("name"))
+        source, query = _unname(m.group("source")), m.group("query").strip()
+        self._require_table(source)
+        if name in self.materialized_views or self._columns(name) is not None:
+            if m.group("ifnotexists"):
+                return self._views_result([name])
+            if verb == "create":
+                raise KustoRequestError(f"Materialized view '{name}' already exists",
+                                        code="BadRequest_EntityAlreadyExists")
+        elif verb == "alter":
+            raise _not_found("MaterializedView", name)
+        with self._lock:
+            sql = duckdb_kql.to_sql(query, schema=_duck_schema(self.con))
+            self.con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {sql}")
+        self.materialized_views[name] = {
+            "source": source, "query": query, "with": _with_props(m.group("with")),
+            "created": dt.datetime.now(dt.UTC).replace(tzinfo=None)}
+        return self._views_result([name])
+
+    def _cmd_show_views(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        if m.group("name"):
+            name = _unname(m.group("name"))
+            if name not in self.materialized_views:
+                raise _not_found("MaterializedView", name)
+            return self._views_result([name])
+        return self._views_result(sorted(self.materialized_views))
+
+    def _cmd_drop_view(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        name = _unname(m.group("name"))
+        if self.materialized_views.pop(name, None) is None:
+            if m.group("ifexists"):
+                return self._views_result([])
+            raise _not_found("MaterializedView", name)
+        with self._lock:
+            self.con.execute(f"DROP VIEW IF EXISTS {quote_ident(name)}")
+        return self._views_result([])
+
+    def _views_result(self, names: list[str]) -> dict[str, Any]:
+        columns = _COMMAND_SCHEMA[".show materialized-views"]
+        rows = []
+        for name in names:
+            view = self.materialized_views[name]
+            now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            values = {"Name": name, "SourceTable": view["source"], "Query": view["query"],
+                      "MaterializedTo": now, "LastRun": now, "LastRunResult": "Completed",
+                      "IsHealthy": True, "IsEnabled": True, "Status": "Enabled",
+                      "Folder": view["with"].get("folder", ""),
+                      "DocString": view["with"].get("docstring", ""),
+                      "AutoUpdateSchema": view["with"].get("autoupdateschema", "false") == "true",
+                      "EffectiveDateTime": view["created"], "LastDefinitionUpdate": view["created"],
+                      "Lookback": None, "LookbackColumn": None}
+            rows.append([values[c.name] for c in columns])
+        kinds = {"time": "timespan"}
+        return v1_response(Result([RestColumn(c.name, kinds.get(c.column_type or "", c.column_type
+                                                                  or "string"),
+                                              c.data_type, c.column_type) for c in columns], rows))
+
+    # soft delete ------------------------------------------------------------------
+
+    def _cmd_delete_records(self, m: re.Match[str], parameters: Any) -> dict[str, Any]:
+        table, predicate = _unname(m.group("table")), m.group("predicate")
+        whatif = _with_props(m.group("with")).get("whatif", "false").lower() == "true"
+        view = m.group("kind").lower() == "materialized-view"
+        if view and table not in self.materialized_views:
+            raise _not_found("MaterializedView", table)
+        if not view:
+            self._require_table(table)
+        declaration, body = _statement_split(predicate)
+        head = re.match(rf"\s*({_NAME})\s*(?=\||$)", body)
+        if head is None or _unname(head.group(1)) != table:
+            raise KustoRequestError(
+                f"The predicate of '.delete table {table} records' must be a query over "
+                f"'{table}' (\"{table} | where ...\")")
+        operators = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", "''", body)
+        if not re.search(r"\|\s*where\b", operators):
+            raise KustoRequestError("The predicate must contain at least one 'where' operator")
+        if re.search(r"\|\s*(?!where\b|extend\b|project\b)[a-z-]+", operators):
+            raise KustoRequestError("The predicate may only use 'where', 'extend' and 'project'")
+        # The predicate runs over a view of T that carries DuckDB's rowid, and the rows it
+        # selects are deleted by rowid. The emulated materialized view is a live view of
+        # its source table, so there is nothing to delete from it: only count.
+        source = "__loopback_delete_source"
+        query = f"{declaration}\n{source}{body[head.end():]}\n| project __loopback_rowid"
+        with self._lock:
+            rowid = "0" if view else "rowid"
+            self.con.execute(f"CREATE OR REPLACE VIEW {source} AS SELECT *, "
+                             f"{rowid} AS __loopback_rowid FROM {quote_ident(table)}")
+            try:
+                decoded = decode_parameters(query, parameters, strict=self.strict_parameters)
+                sql = duckdb_kql.to_sql(query, schema=_duck_schema(self.con), parameters=decoded)
+                if sql.unbound:
+                    raise KqlSchemaError(", ".join(sql.unbound),
+                                         hint="declared query parameter with no value")
+                ids = [r[0] for r in self.con.execute(f"SELECT * FROM ({sql})",
+                                                      sql.parameters or None).fetchall()]
+                if ids and not whatif and not view:
+                    self.con.execute(f"DELETE FROM {quote_ident(table)} WHERE rowid IN "
+                                     f"(SELECT UNNEST(?::BIGINT[]))", [ids])
+            finally:
+                self.con.execute(f"DROP VIEW IF EXISTS {source}")
+        rows = [[table, self.database, str(uuid.uuid4()), None if whatif else str(uuid.uuid4()),
+                 len(ids)]] if ids else []
+        return _v1([("TableName", "string"), ("DatabaseName", "string"),
+                    ("OriginalExtentId", "string"), ("ResultExtentId", "string"),
+                    ("RecordsMatchPredicate", "long")], rows)
+
+    def _cmd_ingestion_resources(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        raise KustoRequestError(
+            "Queued ingestion is not supported by the loopback: '.get ingestion resources' "
+            "needs a data management endpoint with blob storage and queues",
+            code="BadRequest_NotSupported")
+
+    # scripts ------------------------------------------------------------------------
+
+    def _cmd_script(self, m: re.Match[str], parameters: Any) -> dict[str, Any]:
+        continue_on_errors = _with_props(m.group("with")).get(
+            "continueonerrors", "false").lower() == "true"
+        rows, failed = [], False
+        for command in _split_script(m.group("script")):
+            kind = " ".join(command.split()[:2])
+            if failed:
+                rows.append([str(uuid.uuid4()), kind, command, "Skipped", ""])
+                continue
+            try:
+                self._command(command, parameters)
+                rows.append([str(uuid.uuid4()), kind, command, "Completed", ""])
+            except KustoRequestError as exc:
+                rows.append([str(uuid.uuid4()), kind, command, "Failed", str(exc)])
+                failed = not continue_on_errors
+        return _v1([("OperationId", "guid"), ("CommandType", "string"), ("CommandText", "string"),
+                    ("Result", "string"), ("Reason", "string")], rows)
+
+    # -- streaming ingestion ------------------------------------------------------
+
+    def _ingest(self, url: Any, headers: Any, raw: bytes, entry: LoggedRequest
+                ) -> tuple[int, Any]:
+        parts = [unquote(p) for p in url.path.split("/")[4:]]
+        if len(parts) != 2 or not all(parts):
+            raise KustoRequestError("expected /v1/rest/ingest/{database}/{table}", status=404,
+                                    code="General_NotFound")
+        database, table = parts
+        query = {k.lower(): v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        self._check_database(database)
+        if query.get("sourcekind", "").lower() == "uri":
+            raise KustoRequestError("The loopback does not ingest from blob URIs")
+        columns = self._require_table(table)
+        if self.require_streaming_policy and not self.streaming_enabled(table):
+            raise KustoRequestError(
+                f"Streaming ingestion policy is not enabled for table '{table}' in database "
+                f"'{self.database}'", code="BadRequest_StreamingIngestionPolicyNotEnabled")
+        fmt = query.get("streamformat", "").lower()
+        if fmt not in ("json", "multijson", "singlejson"):
+            raise KustoRequestError(f"The loopback ingests json/multijson/singlejson, not '{fmt}'")
+        encoding = headers.get("Content-Encoding", "").lower()
+        try:
+            data = (gzip.decompress(raw) if encoding == "gzip"
+                    else zlib.decompress(raw) if encoding == "deflate" else raw)
+            text = data.decode("utf-8")
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+            raise KustoRequestError(f"Stream ingestion failed: cannot decode the body "
+                                    f"({encoding or 'identity'}): {exc}",
+                                    code="BadRequest_InvalidData") from None
+        entry.body = data
+        docs = _json_documents(text, fmt)
+        mapping_name = query.get("mappingname")
+        if mapping_name:
+            found = self.mappings.get((table, mapping_name))
+            if found is None:
+                raise KustoRequestError(
+                    f"Mapping reference '{mapping_name}' of type 'Json' in table '{table}' of "
+                    f"database '{self.database}' wasn't found.",
+                    code="BadRequest_MappingReferenceWasNotFound",
+                    kind="Kusto.Data.Exceptions.EntityNotFoundException")
+            mapping = parse_mapping(found[1])
+        else:
+            mapping = [ColumnMapping(c, f"$[{json.dumps(c)}]", None, None) for c in columns]
+        names = [e.column for e in mapping]
+        rows = [[self._mapped(doc, e, columns[e.column]) for e in mapping] for doc in docs]
+        if rows:
+            slots = "(" + ", ".join("CAST(? AS JSON)" if columns[n] == "dynamic" else "?"
+                                    for n in names) + ")"
+            insert = (f"INSERT INTO {quote_ident(table)} "
+                      f"({', '.join(quote_ident(n) for n in names)}) VALUES ")
+            with self._lock:
+                for start in range(0, len(rows), 200):
+                    chunk = rows[start:start + 200]
+                    self.con.execute(insert + ", ".join([slots] * len(chunk)),
+                                     [v for row in chunk for v in row])
+        return 200, _v1([("ConsumedRecordsCount", "long"), ("UpdatePolicyStatus", "string"),
+                         ("UpdatePolicyFailureCode", "string"),
+                         ("UpdatePolicyFailureReason", "string")],
+                        [[len(rows), "Inactive", "Unknown", None]])
+
+    @staticmethod
+    def _mapped(doc: dict[str, Any], entry: ColumnMapping, kind: str) -> Any:
+        if entry.path is None:
+            return _to_column(entry.const, kind)
+        value = _extract(doc, entry.path)
+        scale = _UNIX.get((entry.transform or "").lower())
+        if scale and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return dt.datetime(1970, 1, 1) + dt.timedelta(seconds=value / scale)
+        return _to_column(value, kind)
+
+
+_POLICY_NAMES = {"streamingingestion": "StreamingIngestion", "retention": "Retention",
+                 "caching": "Caching", "ingestionbatching": "IngestionBatching",
+                 "ingestiontime": "IngestionTime", "update": "Update", "merge": "Merge"}
+
+
+def _kql_error(exc: KqlError) -> KustoRequestError:
+    prefix = ("Syntax error: " if isinstance(exc, KqlSyntaxError)
+              else "Semantic error: " if isinstance(exc, KqlSchemaError) else "")
+    return KustoRequestError(f"{prefix}{exc}", code="General_BadRequest",
+                             kind="Kusto.Data.Exceptions.SemanticException" if prefix.startswith(
+                                 "Sem") else "Kusto.Data.Exceptions.KustoBadRequestException")
+
+
+def _v1(columns: list[tuple[str, str]], rows: list[list[Any]]) -> dict[str, Any]:
+    return v1_response(Result([RestColumn.derived(n, k) for n, k in columns], rows))
+
+
+def _cslname(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z_]\w*", name) else "[" + json.dumps(name) + "]"
+
+
+def _bare_name(text: str) -> tuple[str, int]:
+    m = re.match(r"\s*([A-Za-z_][\w-]*)", text)
+    if m is None:
+        raise _syntax(f"expected a name at {text[:40]!r}")
+    return m.group(1), m.end()
+
+
+_WITH = r"""\s*with\s*\((?P<with>(?:[^()'"]|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")*)\)"""
+
+
+def _rx(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern.replace("NAME", _NAME).replace("WITH", _WITH), re.I | re.S)
+
+
+_COMMANDS: list[tuple[re.Pattern[str], Any]] = [
+    (_rx(r"\.(?P<verb>create|create-merge|alter-merge)\s+tables?\s+(?P<tables>NAME\s*\(.*?\))"
+         r"(?:WITH)?$"), LoopbackKusto._cmd_create_table),
+    (_rx(r"\.drop\s+table\s+(?P<table>NAME)(?P<ifexists>\s+ifexists)?$"),
+     LoopbackKusto._cmd_drop_table),
+    (_rx(r"\.(?P<verb>create|create-or-alter|alter)\s+table\s+(?P<table>NAME)\s+ingestion\s+"
+         r"(?P<kind>\w+)\s+mapping\s+(?P<rest>.+)$"), LoopbackKusto._cmd_mapping),
+    (_rx(r"\.drop\s+table\s+(?P<table>NAME)\s+ingestion\s+\w+\s+mapping\s+(?P<rest>.+)$"),
+     LoopbackKusto._cmd_drop_mapping),
+    (_rx(r"\.show\s+(?P<scope>table|database)(?:\s+(?P<name>NAME))?\s+ingestion\s+"
+         r"(?:(?P<kind>json|csv|avro|parquet|orc|w3clogfile)\s+)?mappings$"),
+     LoopbackKusto._cmd_show_mappings),
+    (_rx(r"\.(?P<verb>alter|alter-merge)\s+(?P<kind>table|database|materialized-view)\s+"
+         r"(?P<name>NAME)\s+policy\s+(?P<policy>[\w]+)\s+(?P<rest>.+)$"),
+     LoopbackKusto._cmd_alter_policy),
+    (_rx(r"\.delete\s+(?P<kind>table|database|materialized-view)\s+(?P<name>NAME)\s+policy\s+"
+         r"(?P<policy>\w+)$"), LoopbackKusto._cmd_delete_policy),
+    (_rx(r"\.show\s+(?P<kind>table|database|materialized-view)\s+(?P<name>NAME)\s+policy\s+"
+         r"(?P<policy>\w+)$"), LoopbackKusto._cmd_show_policy),
+    (_rx(r"\.(?P<verb>create|create-or-alter|alter)(?:\s+async)?(?P<ifnotexists>\s+ifnotexists)?"
+         r"\s+materialized-view\s+(?:WITH\s*)?(?P<name>NAME)\s+on\s+table\s+"
+         r"(?P<source>NAME)\s*\{(?P<query>.*)\}$"), LoopbackKusto._cmd_create_view),
+    (_rx(r"\.show\s+materialized-views?(?:\s+(?P<name>NAME))?$"), LoopbackKusto._cmd_show_views),
+    (_rx(r"\.drop\s+materialized-view\s+(?P<name>NAME)(?P<ifexists>\s+ifexists)?$"),
+     LoopbackKusto._cmd_drop_view),
+    (_rx(r"\.show\s+tables$"), LoopbackKusto._cmd_show_tables),
+    (_rx(r"\.show\s+databases$"), LoopbackKusto._cmd_show_databases),
+    (_rx(r"\.show\s+version$"), LoopbackKusto._cmd_show_version),
+    (_rx(r"\.show\s+table\s+(?P<table>NAME)\s+(?P<form>cslschema|schema\s+as\s+json)$"),
+     LoopbackKusto._cmd_show_table_schema),
+    (_rx(r"\.show\s+database(?:\s+(?P<db>(?!schema\b|cslschema\b)NAME))?\s+"
+         r"(?P<form>cslschema|schema\s+as\s+json)$"), LoopbackKusto._cmd_show_database_schema),
+    (_rx(r"\.delete(?:\s+async)?\s+(?P<kind>table|materialized-view)\s+(?P<table>NAME)\s+"
+         r"records(?:WITH)?\s*<\|(?P<predicate>.+)$"),
+     LoopbackKusto._cmd_delete_records),
+    (_rx(r"\.get\s+ingestion\s+resources$"), LoopbackKusto._cmd_ingestion_resources),
+    (_rx(r"\.clear\s+cache\s+streaming\s+ingestion\s+schema$"),
+     lambda self, m, p: _v1([("NodeId", "string"), ("Status", "string")], [])),
+    (_rx(r"\.execute\s+database\s+script(?:WITH)?\s*<\|(?P<script>.+)$"),
+     LoopbackKusto._cmd_script),
+]
