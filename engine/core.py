@@ -7,6 +7,7 @@ Nothing else: the actors own all state.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -26,6 +27,8 @@ from .messages import CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush
 from .records import Bundle, Record
 from .runtime import Runtime
 from .supervisor import ChildSpec, Supervisor
+
+_NO_TIMEOUT = contextlib.nullcontext()
 
 #: start order; rest_for_one restarts an actor and every actor after it
 ACTORS = ("cache", "ingestor", "batcher", "deleter")
@@ -67,7 +70,9 @@ class Engine:
             rt = Runtime(cfg, self.backend, self.instruments)
             rt.query_limiter = anyio.CapacityLimiter(cfg.query_concurrency)
             for name in ACTORS:
-                rt.mailboxes[name] = _mailbox(name, cfg.mailbox_size)
+                # the ingestor's queue is part of the memory bound: ingest_queue_size batches
+                size = cfg.ingest_queue_size if name == "ingestor" else cfg.mailbox_size
+                rt.mailboxes[name] = _mailbox(name, size)
             self.runtime = rt
             self._states = {
                 "cache": Overlay(),
@@ -168,7 +173,7 @@ class Engine:
         msg = make_put(rt, records, rt.reply(), ticket_reply=ingested)
         mailbox = rt.mailboxes["batcher"]
         try:
-            with anyio.fail_after(cfg.put_timeout):
+            with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
                 if mailbox.depth() >= mailbox.size:
                     started = time.perf_counter()
                     await self._send(rt, "batcher", msg)

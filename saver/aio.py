@@ -44,6 +44,57 @@ class AsyncKustoSaver(KustoSaverBase):
         """A saver on the embedded DuckDB store at ``path`` (a file, or ``":memory:"``)."""
         return cls(EmbeddedBackend(path), serde=serde, **options)
 
+    # -- Kusto: construction and schema setup (KustoBackend) ----------------
+
+    @classmethod
+    def from_connection_string(
+        cls,
+        cluster_uri: str | None = None,
+        database: str | None = None,
+        *,
+        credential: Any = None,
+        ingest_mode: str = "streaming",
+        query_timeout: float = 60.0,
+        ingest_uri: str | None = None,
+        serde: SerializerProtocol | None = None,
+        **engine_options: Any,
+    ) -> AsyncKustoSaver:
+        """A saver on an Azure Data Explorer database (use it with ``async with``).
+
+        ``credential``: an azure-identity TokenCredential (default DefaultAzureCredential),
+        a KustoConnectionStringBuilder or a connection string; an ``http://`` cluster URI
+        (a local endpoint) connects without authentication. See :class:`KustoBackend`.
+        """
+        from .engine.backends.kusto import KustoBackend
+
+        backend = KustoBackend(
+            cluster_uri, database, credential=credential, ingest_mode=ingest_mode,
+            query_timeout=query_timeout, ingest_uri=ingest_uri,
+        )
+        if ingest_mode != "streaming":
+            # queued rows become queryable only when their batch seals (provision.kql: 30 s)
+            engine_options.setdefault("visibility_delay", 120.0)
+        return cls(backend, serde=serde, **engine_options)
+
+    async def asetup(self, create: bool = False) -> Any:
+        """Check the database schema (``create=True``: run provision.kql first); raises a
+        clear error listing what is missing. A no-op on the embedded store."""
+        setup = getattr(self.backend, "setup", None)
+        if setup is None:
+            return None
+        return await setup(create=create)
+
+    def setup(self, create: bool = False) -> Any:
+        """:meth:`asetup` from sync code: from another thread while the saver is open,
+        or with no event loop running when it is not."""
+        if getattr(self.backend, "setup", None) is None:
+            return None
+        if self._token is not None:
+            return self._run(self.asetup, create)
+        return anyio.run(self.asetup, create)
+
+    # -- lifecycle ---------------------------------------------------------
+
     async def __aenter__(self) -> AsyncKustoSaver:
         await self.engine.__aenter__()
         self._token = anyio.lowlevel.current_token()

@@ -58,6 +58,56 @@ class KustoSaver(KustoSaverBase):
         """A saver on the embedded DuckDB store at ``path`` (a file, or ``":memory:"``)."""
         return cls(EmbeddedBackend(path), serde=serde, **options)
 
+    # -- Kusto: construction and schema setup (KustoBackend) ----------------
+
+    @classmethod
+    def from_connection_string(
+        cls,
+        cluster_uri: str | None = None,
+        database: str | None = None,
+        *,
+        credential: Any = None,
+        ingest_mode: str = "streaming",
+        query_timeout: float = 60.0,
+        ingest_uri: str | None = None,
+        serde: SerializerProtocol | None = None,
+        **engine_options: Any,
+    ) -> KustoSaver:
+        """A saver on an Azure Data Explorer database (use it with ``with``).
+
+        ``credential``: an azure-identity TokenCredential (default DefaultAzureCredential),
+        a KustoConnectionStringBuilder or a connection string; an ``http://`` cluster URI
+        (a local endpoint) connects without authentication. See :class:`KustoBackend`.
+        ``portal_backend`` ("asyncio" or "trio") may be passed with the engine options.
+        """
+        from .engine.backends.kusto import KustoBackend
+
+        backend = KustoBackend(
+            cluster_uri, database, credential=credential, ingest_mode=ingest_mode,
+            query_timeout=query_timeout, ingest_uri=ingest_uri,
+        )
+        if ingest_mode != "streaming":
+            # queued rows become queryable only when their batch seals (provision.kql: 30 s)
+            engine_options.setdefault("visibility_delay", 120.0)
+        return cls(backend, serde=serde, **engine_options)
+
+    def setup(self, create: bool = False) -> Any:
+        """Check the database schema (``create=True``: run provision.kql first); raises a
+        clear error listing what is missing. A no-op on the embedded store. Works with the
+        saver open or not."""
+        setup = getattr(self.backend, "setup", None)
+        if setup is None:
+            return None
+        if self._portal is not None:
+            return self._call(setup, create)
+        return anyio.run(setup, create, backend=self.portal_backend)
+
+    async def asetup(self, create: bool = False) -> Any:
+        """:meth:`setup` from async code (waits in a worker thread)."""
+        return await anyio.to_thread.run_sync(self.setup, create)
+
+    # -- lifecycle ---------------------------------------------------------
+
     def __enter__(self) -> KustoSaver:
         if self._portal is not None:
             raise RuntimeError("KustoSaver is already open")

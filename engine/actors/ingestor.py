@@ -19,17 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+from tenacity import RetryCallState
 
 from ...telemetry import names
 from ..actor import Actor
-from ..errors import IngestError, TransientBackendError
+from ..errors import IngestError
+from ..retry import retrying
 from ..messages import Batch, Drain, IngestBatch, Ingested
 
 
@@ -101,16 +96,7 @@ class Ingestor(Actor):
                 f"ingest {batch.table}",
                 attributes=inst.attrs(**{names.TABLE: batch.table, "kusto_checkpoint.batch.rows": len(batch.rows)}),
             ):
-                async for attempt in AsyncRetrying(
-                    sleep=anyio.sleep,
-                    stop=stop_after_attempt(cfg.max_retries + 1),
-                    wait=wait_random_exponential(multiplier=cfg.retry_backoff, max=cfg.retry_backoff_max),
-                    retry=retry_if_exception_type(TransientBackendError),
-                    before_sleep=count_retry,
-                    reraise=True,
-                ):
-                    with attempt:
-                        await rt.backend.ingest(batch.table, batch.rows)
+                await retrying(cfg, lambda: rt.backend.ingest(batch.table, batch.rows), count_retry)
         except Exception as exc:  # noqa: BLE001 - reported to every waiter below
             error = IngestError(
                 f"could not ingest {len(batch.rows)} row(s) into {batch.table} "

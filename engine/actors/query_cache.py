@@ -33,6 +33,7 @@ from ..actor import Actor
 from ..errors import BackendError
 from ..messages import Accept, Ingested, QueryDone, Read, ReadSpec
 from ..reads import checkpoint_from_row, values_from_rows
+from ..retry import retrying
 from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, WriteRec, newer_write
 from ..schema import SCOPE_RUN
 
@@ -142,6 +143,9 @@ class View:
     blobs: dict[tuple[str, str], BlobRec]
     writes: dict[tuple[str, int], WriteRec]
     loaded_at: float
+    #: writes for checkpoints newer than ``latest`` that arrived before their
+    #: checkpoint (LangGraph's default durability sends them first)
+    early: dict[str, dict[tuple[str, int], WriteRec]] = field(default_factory=dict)
 
 
 class QueryCache(Actor):
@@ -197,34 +201,44 @@ class QueryCache(Actor):
             msg.reply.set(None)
 
     def _view_put(self, rec: CheckpointRec) -> None:
+        """Write-through: an existing view moves on to the new checkpoint.
+
+        A view is only ever *created* by a read (it then knows the backend's
+        state); a put without a view leaves the next read to the backend.
+        """
         key = (rec.thread_id, rec.checkpoint_ns)
         view = self.views.get(key)
-        if view is not None and view.latest is not None and rec.checkpoint_id <= view.latest.checkpoint_id:
+        if view is None:
+            return
+        if view.latest is not None and rec.checkpoint_id <= view.latest.checkpoint_id:
             return
         blobs: dict[tuple[str, str], BlobRec] = {}
         ov_blobs = self.state.blobs.get(rec.thread_id, {})
         for ch, ver in rec.channel_versions.items():
-            b = ov_blobs.get((rec.checkpoint_ns, ch, ver))
-            if b is None and view is not None:
-                b = view.blobs.get((ch, ver))
-            if b is not None:
-                blobs[(ch, ver)] = b
-            elif view is not None or rec.parent_checkpoint_id:
+            b = ov_blobs.get((rec.checkpoint_ns, ch, ver)) or view.blobs.get((ch, ver))
+            if b is None:
                 # a blob we do not hold: the view cannot answer for this checkpoint
-                self.views.pop(key, None)
+                del self.views[key]
                 return
-        loaded = view.loaded_at if view is not None else time.monotonic()
-        self.views[key] = View(rec, blobs, {}, loaded)
+            blobs[(ch, ver)] = b
+        writes = view.early.pop(rec.checkpoint_id, {})
+        view.early = {c: w for c, w in view.early.items() if c > rec.checkpoint_id}
+        view.latest, view.blobs, view.writes = rec, blobs, writes
         self.views.move_to_end(key)
-        self._trim()
 
     def _view_write(self, rec: WriteRec) -> None:
         view = self.views.get((rec.thread_id, rec.checkpoint_ns))
-        if view is None or view.latest is None or view.latest.checkpoint_id != rec.checkpoint_id:
+        if view is None:
             return
+        if view.latest is not None and view.latest.checkpoint_id == rec.checkpoint_id:
+            target = view.writes
+        elif view.latest is None or rec.checkpoint_id > view.latest.checkpoint_id:
+            target = view.early.setdefault(rec.checkpoint_id, {})
+        else:
+            return  # a write for an older checkpoint: the view does not hold it
         k = (rec.task_id, rec.idx)
-        old = view.writes.get(k)
-        view.writes[k] = rec if old is None else newer_write(old, rec)
+        old = target.get(k)
+        target[k] = rec if old is None else newer_write(old, rec)
 
     def _view_tombstone(self, rec: TombstoneRec) -> None:
         if rec.scope == SCOPE_RUN:
@@ -351,16 +365,15 @@ class QueryCache(Actor):
                         limit = 5
                     if spec.before is not None or self.state.relevant_tombs(spec):
                         limit = None
-                    rows = await rt.backend.query(
-                        kql.checkpoints_query(limit, spec.with_values),
-                        kql.checkpoints_params(spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id),
-                    )
+                    text = kql.checkpoints_query(limit, spec.with_values)
+                    params = kql.checkpoints_params(spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id)
+                    rows = await retrying(rt.config, lambda: rt.backend.query(text, params))
                     make = checkpoint_from_row if spec.with_values else _header
                     result = [make(r) for r in rows]
                     if spec.before is not None:
                         result = [r for r in result if r.checkpoint_id < spec.before]
                 else:
-                    rows = await rt.backend.query(kql.VALUES_QUERY, carry[1])
+                    rows = await retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
                     result = (carry[0], values_from_rows(rows))
         except Exception as exc:  # noqa: BLE001 - failed back to the reader
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")

@@ -119,10 +119,10 @@ class EmbeddedBackend:
             raise PermanentBackendError(f"no table {table!r} in the embedded store")
         if not rows:
             return
-        arrow = _to_arrow(spec, rows)
-        await anyio.to_thread.run_sync(self._append, spec, arrow, limiter=self._limiter)
+        await anyio.to_thread.run_sync(self._append, spec, rows, limiter=self._limiter)
 
-    def _append(self, spec: Table, arrow: pa.Table) -> None:
+    def _append(self, spec: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        arrow = _to_arrow(spec, rows)
         cur = self._cursor()
         cols = ", ".join(f'"{c}"' for c in spec.column_names)
         cur.register("_incoming", arrow)

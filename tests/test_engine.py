@@ -1,0 +1,355 @@
+"""The engine on both anyio backends: read-your-writes, supervision, backpressure,
+cancellation and failure paths, on the real embedded store behind a fault-injecting
+backend decorator."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import anyio
+import pytest
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from langgraph.checkpoint.kusto import (
+    AsyncKustoSaver,
+    ConfigError,
+    EngineClosedError,
+    EngineFailedError,
+    IngestError,
+    SerializationError,
+)
+from langgraph.checkpoint.kusto.engine.backends.embedded import EmbeddedBackend
+from langgraph.checkpoint.kusto.engine.backends.faulty import FaultPlan, FaultyBackend, Latency
+
+pytestmark = pytest.mark.anyio
+
+FAST = {"flush_interval": 0.005, "retry_backoff": 0.001, "retry_backoff_max": 0.01}
+
+
+def saver_on(plan: FaultPlan | None = None, **options: Any) -> tuple[AsyncKustoSaver, FaultyBackend]:
+    backend = FaultyBackend(EmbeddedBackend(":memory:"), plan)
+    return AsyncKustoSaver(backend, **{**FAST, **options}), backend
+
+
+def checkpoint(step: int, value: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    cp = empty_checkpoint()
+    cp["channel_values"] = {"messages": value if value is not None else [f"m{i}" for i in range(step + 1)]}
+    cp["channel_versions"] = {"messages": f"{step + 1:032}.0"}
+    return cp, {"messages": f"{step + 1:032}.0"}  # type: ignore[return-value]
+
+
+async def put_chain(saver: AsyncKustoSaver, thread: str, steps: int, check_reads: bool = False) -> list[str]:
+    cfg: dict[str, Any] = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    ids = []
+    for step in range(steps):
+        cp, versions = checkpoint(step)
+        cfg = await saver.aput(cfg, cp, {"source": "loop", "step": step}, versions)
+        await saver.aput_writes(cfg, [("messages", f"w{step}")], f"task-{step}")
+        ids.append(cfg["configurable"]["checkpoint_id"])
+        if check_reads:
+            latest = await saver.aget_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
+            assert latest is not None and latest.checkpoint["id"] == cp["id"], "read overtook its write"
+            assert latest.checkpoint["channel_values"]["messages"] == cp["channel_values"]["messages"]
+            assert latest.pending_writes == [(f"task-{step}", "messages", f"w{step}")]
+    return ids
+
+
+async def stored_ids(saver: AsyncKustoSaver, thread: str) -> list[str]:
+    return [t.checkpoint["id"] async for t in saver.alist({"configurable": {"thread_id": thread}})]
+
+
+async def test_read_your_writes_while_ingestion_lags() -> None:
+    plan = FaultPlan(ingest_latency=Latency(0.02, 0.02))
+    saver, _ = saver_on(plan)
+    async with saver:
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(put_chain, saver, f"t{i}", 8, True)
+        # list() merges the backend with the overlay: every id is there, once
+        for i in range(30):
+            ids = await stored_ids(saver, f"t{i}")
+            assert len(ids) == 8 and len(set(ids)) == 8
+        await saver.flush()
+        assert saver.engine.stats()["overlay_records"] == 0
+
+
+async def test_reads_after_reopen_come_from_the_store(tmp_path: Any) -> None:
+    path = str(tmp_path / "cp.duckdb")
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        ids = await put_chain(saver, "t", 5)
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        assert await stored_ids(saver, "t") == ids[::-1]
+        latest = await saver.aget_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": ""}})
+        assert latest is not None and latest.checkpoint["id"] == ids[-1]
+        assert latest.pending_writes == [("task-4", "messages", "w4")]
+        hits = saver.engine.stats()["cache_hits"]
+        again = await saver.aget_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": ""}})
+        assert again == latest
+        assert saver.engine.stats()["cache_hits"] == hits + 1
+
+
+@pytest.mark.parametrize("actor", ["cache", "ingestor", "batcher", "deleter"])
+async def test_crashed_actor_is_restarted_and_nothing_is_lost(actor: str) -> None:
+    saver, backend = saver_on(FaultPlan(ingest_latency=Latency(0.002)))
+    async with saver:
+        async def crash_soon() -> None:
+            await anyio.sleep(0.02)
+            await saver.engine.crash(actor)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(crash_soon)
+            for i in range(10):
+                tg.start_soon(put_chain, saver, f"t{i}", 10)
+        await saver.flush()
+        assert saver.engine.restarts[actor] == 1
+        for i in range(10):
+            ids = await stored_ids(saver, f"t{i}")
+            assert len(ids) == 10 and len(set(ids)) == 10
+    # reopen the same store: every row reached it, no duplicates visible
+    assert backend.ingest_calls > 0
+
+
+async def test_rest_for_one_restarts_later_siblings() -> None:
+    saver, _ = saver_on(supervision="rest_for_one")
+    async with saver:
+        await put_chain(saver, "a", 2)
+        await saver.engine.crash("ingestor")
+        await put_chain(saver, "a2", 2)
+        await saver.flush()
+        r = saver.engine.restarts
+        assert r["ingestor"] == 1
+        assert (r["cache"], r["batcher"], r["deleter"]) == (0, 0, 0)
+        children = saver.engine._children
+        assert children["batcher"].current is not None
+        assert len(await stored_ids(saver, "a2")) == 2
+
+
+async def test_restart_intensity_exceeded_fails_every_caller_loudly() -> None:
+    saver, backend = saver_on(
+        max_restarts=2, restart_window=60, max_buffered_bytes=64 * 1024, max_batch_bytes=8 * 1024,
+        ingest_queue_size=1, ingest_concurrency=1, mailbox_size=2, cell_limit=8 * 1024,
+    )
+    with pytest.raises(EngineFailedError):
+        async with saver:
+            await put_chain(saver, "t", 1)
+            backend.stall()
+            results: list[BaseException] = []
+
+            async def blocked_put(i: int) -> None:
+                try:
+                    await put_chain(saver, f"b{i}", 50)
+                except BaseException as exc:  # noqa: BLE001
+                    results.append(exc)
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    for i in range(5):
+                        tg.start_soon(blocked_put, i)
+                    await anyio.sleep(0.05)
+                    for _ in range(3):
+                        await saver.engine.crash("cache")
+                        await anyio.sleep(0.01)
+            assert results and all(isinstance(e, EngineFailedError) for e in results), results
+            with pytest.raises(EngineFailedError):
+                await saver.aget_tuple({"configurable": {"thread_id": "t"}})
+            raise saver.engine.failed  # type: ignore[misc]
+
+
+async def test_backpressure_bounds_memory_while_the_backend_is_stalled() -> None:
+    bound = 256 * 1024
+    saver, backend = saver_on(
+        max_buffered_bytes=bound, max_batch_bytes=32 * 1024, ingest_queue_size=2,
+        ingest_concurrency=2, batch_size=50, mailbox_size=8, cell_limit=16 * 1024,
+    )
+    payload = "x" * 6000
+    async with saver:
+        backend.stall()
+        done = 0
+        peak = 0
+
+        async def writer(i: int) -> None:
+            nonlocal done
+            cfg: dict[str, Any] = {"configurable": {"thread_id": f"t{i}", "checkpoint_ns": ""}}
+            for step in range(5):
+                cp, versions = checkpoint(step, [payload, step])
+                cfg = await saver.aput(cfg, cp, {"step": step}, versions)
+                done += 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(writer, i)
+            for _ in range(40):
+                await anyio.sleep(0.01)
+                peak = max(peak, saver.engine.buffered_bytes())
+            assert peak <= bound, (peak, bound)
+            assert done < 500, "senders must block while the backend is stalled"
+            blocked = done
+            backend.resume()
+        assert done == 500 and blocked < 500
+        await saver.flush()
+        for i in range(0, 100, 7):
+            assert len(await stored_ids(saver, f"t{i}")) == 5
+        assert saver.engine.stats()["buffered_bytes"] == 0
+
+
+async def test_cancelled_put_applies_nothing_and_wedges_nothing() -> None:
+    saver, backend = saver_on(max_buffered_bytes=64 * 1024, max_batch_bytes=8 * 1024,
+                              ingest_queue_size=1, ingest_concurrency=1, mailbox_size=2,
+                              cell_limit=8 * 1024)
+    async with saver:
+        backend.stall()
+        cancelled: list[str] = []
+
+        async def put_many(thread: str) -> None:
+            cfg: dict[str, Any] = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+            for step in range(100):
+                cp, versions = checkpoint(step, ["y" * 3000])
+                try:
+                    cfg = await saver.aput(cfg, cp, {"step": step}, versions)
+                except anyio.get_cancelled_exc_class():
+                    cancelled.append(cp["id"])
+                    raise
+
+        with anyio.move_on_after(0.3):
+            await put_many("c")
+        assert cancelled, "the put should have been blocked and then cancelled"
+        backend.resume()
+        await saver.flush()
+        ids = await stored_ids(saver, "c")
+        assert len(ids) == len(set(ids))
+        # all or nothing: cancelled while blocked, it is absent; cancelled after
+        # the engine took the message, it is there whole
+        if cancelled[0] in ids:
+            tup = await saver.aget_tuple({"configurable": {"thread_id": "c", "checkpoint_id": cancelled[0], "checkpoint_ns": ""}})
+            assert tup is not None and tup.checkpoint["channel_values"]["messages"] == ["y" * 3000]
+        else:
+            assert len(ids) < 100
+        # the engine still serves, and no reply slot is left waiting
+        await put_chain(saver, "after", 3)
+        await saver.flush()
+        assert len(await stored_ids(saver, "after")) == 3
+        assert not saver.engine.runtime.replies  # type: ignore[union-attr]
+
+
+async def test_cancelled_read_leaks_no_reply_slot() -> None:
+    saver, _ = saver_on(FaultPlan(query_latency=Latency(0.2)))
+    async with saver:
+        with anyio.move_on_after(0.05):
+            await saver.aget_tuple({"configurable": {"thread_id": "slow"}})
+        await saver.aget_tuple({"configurable": {"thread_id": "slow"}})
+        assert not saver.engine.runtime.replies  # type: ignore[union-attr]
+
+
+async def test_transient_failures_are_retried() -> None:
+    saver, backend = saver_on(FaultPlan(fail_next_ingests=4, query_error_rate=0.2), max_retries=8)
+    async with saver:
+        await put_chain(saver, "t", 5)
+        await saver.flush()
+        assert saver.engine.stats()["retries"] >= 4
+        assert len(await stored_ids(saver, "t")) == 5
+
+
+async def test_permanent_failure_reaches_the_caller() -> None:
+    saver, backend = saver_on(FaultPlan(fail_next_ingests=100, fail_permanently=True))
+    with pytest.raises(IngestError):
+        async with saver:
+            await put_chain(saver, "lost", 2)
+            with pytest.raises(IngestError, match="could not ingest"):
+                await saver.flush()
+            backend.plan.fail_next_ingests = 0
+            # what failed is not shown as stored; the engine keeps serving
+            assert await stored_ids(saver, "lost") == []
+            await put_chain(saver, "ok", 2)
+            await saver.flush()
+            assert len(await stored_ids(saver, "ok")) == 2
+            backend.plan.fail_next_ingests = 1
+            await put_chain(saver, "lost2", 1)
+    # leaving the context raised the last failure
+
+
+async def test_durability_ingested_returns_after_the_backend_has_the_row() -> None:
+    saver, backend = saver_on(FaultPlan(ingest_latency=Latency(0.05)), durability="ingested")
+    async with saver:
+        await put_chain(saver, "t", 2)
+        assert await backend.inner.count_rows("Checkpoints") == 2
+
+
+async def test_bad_input_gives_clear_errors_and_the_engine_keeps_serving() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        AsyncKustoSaver.embedded(":memory:", batch_size=0)
+    with pytest.raises(ConfigError, match="unknown engine option"):
+        AsyncKustoSaver.embedded(":memory:", batchsize=10)
+    with pytest.raises(ConfigError, match="max_buffered_bytes"):
+        AsyncKustoSaver.embedded(":memory:", max_buffered_bytes=1024)
+    saver = AsyncKustoSaver.embedded(":memory:", **FAST)
+    with pytest.raises(EngineClosedError):
+        await saver.aget_tuple({"configurable": {"thread_id": "t"}})
+    async with saver:
+        cp, versions = checkpoint(0, object())
+        with pytest.raises(SerializationError, match="channel 'messages'"):
+            await saver.aput({"configurable": {"thread_id": "t"}}, cp, {}, versions)
+        with pytest.raises(ConfigError, match="thread_id"):
+            await saver.aget_tuple({"configurable": {}})
+        with pytest.raises(ConfigError, match="thread_id"):
+            await saver.aget_tuple({"configurable": {"thread_id": {"a": 1}}})
+        with pytest.raises(ConfigError, match="configurable"):
+            await saver.aget_tuple({"thread_id": "t"})
+        with pytest.raises(ConfigError, match="strategy"):
+            await saver.aprune(["t"], strategy="most")
+        with pytest.raises(SerializationError, match="metadata"):
+            cp, versions = checkpoint(0)
+            await saver.aput({"configurable": {"thread_id": "t"}}, cp, {"bad": object()}, versions)  # type: ignore[dict-item]
+        assert await saver.aget_tuple({"configurable": {"thread_id": "t"}}) is None
+        await put_chain(saver, "t", 2)
+        assert len(await stored_ids(saver, "t")) == 2
+    with pytest.raises(EngineClosedError):
+        await saver.aput({"configurable": {"thread_id": "t"}}, *checkpoint(0)[:1], {}, {})  # type: ignore[call-arg]
+
+
+async def test_large_values_are_chunked_and_round_trip() -> None:
+    saver, backend = saver_on(cell_limit=100_000)
+    big = "é" * 700_000 + "end"
+    async with saver:
+        cp, versions = checkpoint(0, big)
+        cfg = await saver.aput({"configurable": {"thread_id": "big", "checkpoint_ns": ""}}, cp, {}, versions)
+        await saver.aput_writes(cfg, [("messages", big[::-1])], "t1")
+        await saver.flush()
+        assert await backend.inner.count_rows("CheckpointBlobs") > 5
+        saver.engine._children["cache"].current.views.clear()  # type: ignore[union-attr]
+        tup = await saver.aget_tuple({"configurable": {"thread_id": "big", "checkpoint_ns": ""}})
+        assert tup is not None
+        assert tup.checkpoint["channel_values"]["messages"] == big
+        assert tup.pending_writes[0][2] == big[::-1]
+        serde = JsonPlusSerializer()
+        assert math.ceil(len(serde.dumps_typed(big)[1]) * 4 / 3 / 100_000) >= 5
+
+
+async def test_deletes_take_effect_at_once_and_hold_after_reopen(tmp_path: Any) -> None:
+    path = str(tmp_path / "d.duckdb")
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        await put_chain(saver, "keep", 3)
+        await put_chain(saver, "gone", 3)
+        await saver.adelete_thread("gone")
+        assert await stored_ids(saver, "gone") == []
+        assert await saver.aget_tuple({"configurable": {"thread_id": "gone"}}) is None
+        await put_chain(saver, "pruned", 4)
+        await saver.aprune(["pruned"])
+        assert len(await stored_ids(saver, "pruned")) == 1
+        # a thread deleted then written again shows only the new rows
+        await put_chain(saver, "gone", 1)
+        assert len(await stored_ids(saver, "gone")) == 1
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        assert len(await stored_ids(saver, "keep")) == 3
+        assert len(await stored_ids(saver, "gone")) == 1
+        assert len(await stored_ids(saver, "pruned")) == 1
+        compacted = await saver.engine.compact()
+        assert compacted == 0  # compaction state is per process; tombstones still hide rows
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        await put_chain(saver, "x", 3)
+        await saver.adelete_thread("x")
+        await saver.aprune(["keep"])
+        assert await saver.engine.compact() >= 3
+        assert await stored_ids(saver, "x") == []
+        assert len(await stored_ids(saver, "keep")) == 1

@@ -1,0 +1,120 @@
+"""The load test (the project's main job): in process with a tiny workload, and as ``python -m``."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from langgraph.checkpoint.kusto.loadtests import cli, workloads
+
+
+def _run(argv: list[str]) -> tuple[int, dict, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code, results = cli.execute(argv, out=out, err=err)
+    return code, results, out.getvalue()
+
+
+@pytest.mark.parametrize("workload", ["graph", "raw"])
+def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
+    agents, steps = 5, 3
+    code, res, text = _run(["--agents", str(agents), "--steps", str(steps), "--workload", workload])
+
+    assert code == 0, text
+    assert res["passed"] is True
+    assert set(res["results"]) == {"kusto", "memory", "sqlite"}
+    per_thread = res["expected_checkpoints_per_thread"]
+    assert per_thread == (5 * steps if workload == "graph" else steps)  # graph: input + 4 supersteps per invoke
+    for key, r in res["results"].items():
+        v = r["verification"]
+        assert r["error"] is None, (key, r.get("traceback"))
+        assert r["run_errors"] == 0, r["run_error_samples"]
+        assert (v["threads"], v["ok"], v["failed"]) == (agents, agents, 0), v["failures"]
+        assert v["checkpoints"] == v["expected_checkpoints"] == agents * per_thread
+        assert r["ops"] == agents * steps
+        assert r["ops_per_s"] > 0 and r["checkpoints_per_s"] > 0 and r["elapsed_s"] > 0
+        assert r["peak_rss_bytes"] > 0
+    ours = res["results"]["kusto"]
+    assert ours["fresh_reader"] is True
+    assert ours["store"]["rows"]["Checkpoints"] == agents * per_thread
+    assert ours["engine"]["batches_failed"] == 0 and ours["engine"]["rows_in"] > 0
+    assert ours["store_warnings"] == []
+    for base in ("memory", "sqlite"):
+        assert res["comparison"][base]["ops_per_s_ratio"] > 0
+    assert res["workdir"] is None  # temporary store removed
+    assert not os.path.exists(ours["store"]["path"])
+
+    op = "invocations/s" if workload == "graph" else "steps/s"
+    assert f"checkpoints written: {agents * per_thread} (expected {agents * per_thread})" in text
+    assert f"threads OK {agents}, failed 0" in text
+    assert op in text and "checkpoints/s" in text and "peak RSS" in text and "elapsed" in text
+    assert "comparison (same workload, same process):" in text
+    for label in ("AsyncKustoSaver (embedded DuckDB)", "InMemorySaver", "AsyncSqliteSaver"):
+        assert label in text
+    assert "RESULT: OK (all 15 threads verified)" in text
+
+
+def test_failed_verification_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = workloads.expected_graph_messages
+
+    def wrong(thread_id: str, steps: int) -> list:
+        return real(thread_id, steps)[:-1]  # expect one message fewer than the graph writes
+
+    monkeypatch.setattr(workloads, "expected_graph_messages", wrong)
+    code, res, text = _run(["--agents", "2", "--steps", "2", "--no-compare", "-q"])
+
+    assert code == cli.EXIT_FAILED
+    assert res["passed"] is False
+    v = res["results"]["kusto"]["verification"]
+    assert (v["ok"], v["failed"]) == (0, 2)
+    assert "8 messages, expected 7" in v["failures"][0]
+    assert "RESULT: FAILED" in text and "FAILED lt-" in text
+
+
+def test_store_and_engine_options(tmp_path) -> None:
+    store = str(tmp_path / "mine.duckdb")
+    code, res, text = _run(
+        ["--agents", "2", "--steps", "2", "--no-compare", "-q", "--store", store,
+         "--batch-size", "7", "--flush-interval", "0.01", "-o", "ingest_concurrency=2"]
+    )
+    assert code == 0, text
+    assert set(res["results"]) == {"kusto"}
+    assert res["config"]["engine_options"] == {"batch_size": 7, "flush_interval": 0.01, "ingest_concurrency": 2}
+    assert "engine options: batch_size=7, flush_interval=0.01, ingest_concurrency=2" in text
+    assert os.path.exists(store)  # a store the user named is never removed
+
+    # a second run on the same file: new thread ids, the old rows do not disturb verification
+    code, res, text = _run(["--agents", "2", "--steps", "2", "--no-compare", "-q", "--store", store])
+    assert code == 0, text
+    assert res["results"]["kusto"]["store"]["existed"] is True
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--agents", "0"], ["--steps", "x"], ["--workload", "nope"], ["-o", "no_such_option=1"], ["-o", "batch_size"]],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.execute(argv)
+    assert info.value.code == 2
+
+
+def test_python_dash_m_runs_and_prints_the_summary() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "langgraph.checkpoint.kusto.loadtests", "--agents", "3", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "graph invocations: 6" in out
+    assert "checkpoints written: 30 (expected 30)" in out
+    assert "threads OK 3, failed 0" in out
+    assert "invocations/s" in out and "checkpoints/s" in out and "peak RSS" in out
+    assert "InMemorySaver" in out and "AsyncSqliteSaver" in out
+    assert out.rstrip().endswith("RESULT: OK (all 9 threads verified)")
+    assert "[kusto] verified: 3 OK, 0 failed" in proc.stderr  # progress goes to stderr
