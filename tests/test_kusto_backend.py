@@ -249,6 +249,21 @@ def test_split_payloads() -> None:
     assert split_payloads([], 700) == []
 
 
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_row_over_the_streaming_limit_is_refused_before_sending() -> None:
+    async with loopback() as srv:
+        backend = KustoBackend(srv.uri, DB)
+        await backend.open()
+        try:
+            row = {"scope": "x" * (5 * 1024 * 1024), "deleted_at": 1}
+            with pytest.raises(PermanentBackendError, match="cell_limit"):
+                await backend.ingest("Tombstones", [row])
+            assert srv.counts["ingest"] == 0
+        finally:
+            await backend.close()
+
+
 def test_provision_commands_match_the_kql_checker_splitter() -> None:
     assert provision_commands() == [cmd for _, cmd in kql_checker.provision_commands()]
 
@@ -317,7 +332,61 @@ def test_secrets_stay_out_of_repr_and_errors() -> None:
     assert SECRET not in repr(saver.backend)
 
 
+@pytest.mark.anyio
+@asyncio_only
+async def test_ingest_modes_pick_their_clients_and_endpoints() -> None:
+    from azure.kusto.ingest import KustoStreamingIngestClient, ManagedStreamingIngestClient, QueuedIngestClient
+
+    uri = "https://mycluster.westeurope.kusto.windows.net"
+    cases = [
+        ({"ingest_mode": "streaming"}, KustoStreamingIngestClient, None),
+        ({"ingest_mode": "managed"}, ManagedStreamingIngestClient, "https://ingest-mycluster.westeurope.kusto.windows.net"),
+        ({"ingest_mode": "queued"}, QueuedIngestClient, "https://ingest-mycluster.westeurope.kusto.windows.net"),
+        ({"ingest_mode": "queued", "ingest_uri": "https://dm.example.net"}, QueuedIngestClient, "https://dm.example.net"),
+        ({"ingest_mode": "managed", "ingest_uri": "https://dm.example.net/"}, ManagedStreamingIngestClient,
+         "https://dm.example.net"),
+    ]
+    for options, kind, dm in cases:
+        backend = KustoBackend(uri, "db", credential=_FakeCredential(), **options)
+        await backend.open()  # builds the clients; no request is sent
+        try:
+            client = backend._ingest_client
+            assert type(client) is kind
+            queued = client.queued_client if kind is ManagedStreamingIngestClient else client
+            if dm is not None:
+                assert queued._connection_datasource == dm
+            assert backend._client._kusto_cluster.rstrip("/") == uri
+        finally:
+            await backend.close()
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_default_credential_is_created_lazily_and_closed() -> None:
+    from azure.identity import DefaultAzureCredential
+
+    backend = KustoBackend("https://mycluster.kusto.windows.net", "db")
+    assert backend._token_credential is None  # nothing built before open()
+    await backend.open()
+    assert isinstance(backend._token_credential, DefaultAzureCredential)
+    await backend.close()
+    assert backend._token_credential is None
+
+
 # --------------------------------------------------------------------------- backend on the loopback
+
+
+@pytest.mark.anyio
+async def test_managed_streaming_ingests_through_the_loopback() -> None:
+    async with loopback() as srv:
+        async with saver_for(srv, ingest_mode="managed") as saver:
+            ids = await put_steps(saver, "managed 'thread'", 3)
+            await saver.flush()
+        async with saver_for(srv, ingest_mode="managed") as saver:
+            listed = [t.config["configurable"]["checkpoint_id"] async for t in saver.alist(config("managed 'thread'"))]
+        assert listed == ids[::-1]
+        assert all("KPC.executeManagedStreamingIngest" in r.headers["x-ms-client-request-id"]
+                   for r in srv.requests if r.route == "ingest")
 
 
 @pytest.mark.anyio
@@ -362,6 +431,17 @@ async def test_setup_reports_a_missing_table_mapping_column_and_type() -> None:
         with pytest.raises(SchemaError):
             await saver_for(srv).asetup()
         assert await AsyncKustoSaver.embedded().asetup() is None
+        # provisioning cannot change a column's type: it says which command failed and why
+        with pytest.raises(PermanentBackendError) as caught:
+            await backend.setup(create=True)
+        assert "provision.kql failed at command 3 ('.create-merge table CheckpointWrites (')" in str(caught.value)
+        assert "'checkpoint_id' of table 'CheckpointWrites' is of type 'long'" in str(caught.value)
+        mgmt(srv, ".drop table CheckpointWrites")
+        mgmt(srv, ".drop table Checkpoints")
+        async with saver_for(srv) as saver:  # open: sync setup() from another thread works too
+            with pytest.raises(SchemaError, match="table Checkpoints is missing"):
+                await anyio.to_thread.run_sync(saver.setup)
+            assert (await anyio.to_thread.run_sync(lambda: saver.setup(create=True))).ok
 
 
 @pytest.mark.anyio

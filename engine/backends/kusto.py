@@ -47,14 +47,15 @@ import orjson
 
 from ..errors import ConfigError, PermanentBackendError, TransientBackendError
 from ..records import JsonText, us_to_datetime
-from ..schema import DATETIME, DYNAMIC, INT, LATEST_VIEW, LONG, STRING, TABLES, TABLES_BY_NAME, Table, mapping_name
+from ..schema import DATETIME, DYNAMIC, LATEST_VIEW, TABLES, TABLES_BY_NAME, Table, mapping_name
 
 log = logging.getLogger(__name__)
 
 INGEST_MODES = ("streaming", "managed", "queued")
 
 #: one streaming ingest request carries at most 4 MB; keep a margin for the envelope
-DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
+_STREAMING_LIMIT = 4 * 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES = _STREAMING_LIMIT - 64 * 1024
 
 _UTC = dt.timezone.utc
 _PROVISION_HINT = "run provision.kql against the database, or call setup(create=True) (needs Database Admin)"
@@ -373,6 +374,8 @@ def map_error(exc: BaseException, *, database: str, action: str, table: str | No
         if (
             ("kind 'table'" in low and "not found" in low)
             or "failed to resolve table" in low
+            or "could not be resolved" in low
+            or "unknown table" in low
             or ("table" in low and "could not be found" in low)
             or ("table" in low and "does not exist" in low)
         ):
@@ -677,10 +680,13 @@ class KustoBackend:
             if self.ingest_mode == "streaming":
                 ingest = KustoStreamingIngestClient(self._kcsb())
             elif self.ingest_mode == "managed":
+                # an explicit ingest_uri is used as given (the SDK would prefix "ingest-")
                 dm = self._kcsb(self.ingest_uri) if self.ingest_uri else None
-                ingest = ManagedStreamingIngestClient(self._kcsb(), dm)
+                ingest = ManagedStreamingIngestClient(self._kcsb(), dm, auto_correct_endpoint=dm is None)
+            elif self.ingest_uri:
+                ingest = QueuedIngestClient(self._kcsb(self.ingest_uri), auto_correct_endpoint=False)
             else:
-                ingest = QueuedIngestClient(self._kcsb(self.ingest_uri) if self.ingest_uri else self._kcsb())
+                ingest = QueuedIngestClient(self._kcsb())
         except BaseException:
             client.close()
             raise
@@ -809,6 +815,11 @@ class KustoBackend:
             ingestion_mapping_reference=mapping_name(spec.name),
         )
         for body in split_payloads(lines, self.max_request_bytes):
+            if self.ingest_mode == "streaming" and len(body) > _STREAMING_LIMIT:
+                raise PermanentBackendError(
+                    f"a {spec.name} row of {len(body)} bytes is over streaming ingestion's 4 MB request "
+                    "limit: lower the cell_limit engine option, or use ingest_mode='managed'"
+                )
             stream = io.BytesIO(gzip.compress(body, compresslevel=3, mtime=0))
             descriptor = StreamDescriptor(stream, is_compressed=True, size=len(body))
             try:
