@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-from langgraph.checkpoint.base import (
-    ChannelVersions,
-    Checkpoint,
-    CheckpointMetadata,
-    CheckpointTuple,
-)
-from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .base import KustoSaverBase
-from .engine.backends.embedded import EmbeddedBackend
 
 
 class AsyncKustoSaver(KustoSaverBase):
@@ -37,44 +28,7 @@ class AsyncKustoSaver(KustoSaverBase):
 
     _token: Any = None
 
-    @classmethod
-    def embedded(
-        cls, path: str = ":memory:", *, serde: SerializerProtocol | None = None, **options: Any
-    ) -> AsyncKustoSaver:
-        """A saver on the embedded DuckDB store at ``path`` (a file, or ``":memory:"``)."""
-        return cls(EmbeddedBackend(path), serde=serde, **options)
-
-    # -- Kusto: construction and schema setup (KustoBackend) ----------------
-
-    @classmethod
-    def from_connection_string(
-        cls,
-        cluster_uri: str | None = None,
-        database: str | None = None,
-        *,
-        credential: Any = None,
-        ingest_mode: str = "streaming",
-        query_timeout: float = 60.0,
-        ingest_uri: str | None = None,
-        serde: SerializerProtocol | None = None,
-        **engine_options: Any,
-    ) -> AsyncKustoSaver:
-        """A saver on an Azure Data Explorer database (use it with ``async with``).
-
-        ``credential``: an azure-identity TokenCredential (default DefaultAzureCredential),
-        a KustoConnectionStringBuilder or a connection string; an ``http://`` cluster URI
-        (a local endpoint) connects without authentication. See :class:`KustoBackend`.
-        """
-        from .engine.backends.kusto import KustoBackend
-
-        backend = KustoBackend(
-            cluster_uri, database, credential=credential, ingest_mode=ingest_mode,
-            query_timeout=query_timeout, ingest_uri=ingest_uri,
-        )
-        if ingest_mode != "streaming":
-            # queued rows become queryable only when their batch seals (provision.kql: 30 s)
-            engine_options.setdefault("visibility_delay", 120.0)
-        return cls(backend, serde=serde, **engine_options)
+    # -- schema setup (KustoBackend) -----------------------------------------
 
     async def asetup(self, create: bool = False) -> Any:
         """Check the database schema (``create=True``: run provision.kql first); raises a
@@ -90,7 +44,7 @@ class AsyncKustoSaver(KustoSaverBase):
         if getattr(self.backend, "setup", None) is None:
             return None
         if self._token is not None:
-            return self._run(self.asetup, create)
+            return self._blocking(self.asetup, create)
         return anyio.run(self.asetup, create)
 
     # -- lifecycle ---------------------------------------------------------
@@ -108,51 +62,12 @@ class AsyncKustoSaver(KustoSaverBase):
         """Return once every row accepted so far is in the backend."""
         await self._flush()
 
-    # -- async API ---------------------------------------------------------
+    # -- reaching the engine's loop ------------------------------------------
 
-    async def aget_tuple(self, config: Any) -> CheckpointTuple | None:
-        return await self._get_tuple(config)
+    async def _in_loop(self, fn: Any, *args: Any) -> Any:
+        return await fn(*args)
 
-    async def alist(
-        self,
-        config: Any,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: Any = None,
-        limit: int | None = None,
-    ) -> AsyncIterator[CheckpointTuple]:
-        for tup in await self._list(config, filter, before, limit):
-            yield tup
-
-    async def aput(
-        self,
-        config: Any,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> dict[str, Any]:
-        return await self._put(config, checkpoint, metadata, new_versions)
-
-    async def aput_writes(
-        self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
-    ) -> None:
-        await self._put_writes(config, writes, task_id, task_path)
-
-    async def adelete_thread(self, thread_id: str) -> None:
-        await self._delete_thread(thread_id)
-
-    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await self._delete_for_runs(run_ids)
-
-    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await self._copy_thread(source_thread_id, target_thread_id)
-
-    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        await self._prune(thread_ids, strategy)
-
-    # -- sync API, from other threads --------------------------------------
-
-    def _run(self, fn: Any, *args: Any) -> Any:
+    def _blocking(self, fn: Any, *args: Any) -> Any:
         if self._token is None:
             raise RuntimeError("AsyncKustoSaver is not open: enter it with `async with` first")
         try:
@@ -164,45 +79,3 @@ class AsyncKustoSaver(KustoSaverBase):
             "the event loop's; in async code use the a-methods (aget_tuple, aput...), "
             "or use KustoSaver"
         )
-
-    def get_tuple(self, config: Any) -> CheckpointTuple | None:
-        return self._run(self._get_tuple, config)  # type: ignore[no-any-return]
-
-    def list(
-        self,
-        config: Any,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: Any = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        yield from self._run(self._list, config, filter, before, limit)
-
-    def put(
-        self,
-        config: Any,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> dict[str, Any]:
-        return self._run(self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
-
-    def put_writes(
-        self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
-    ) -> None:
-        self._run(self._put_writes, config, writes, task_id, task_path)
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._run(self._delete_thread, thread_id)
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._run(self._delete_for_runs, run_ids)
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._run(self._copy_thread, source_thread_id, target_thread_id)
-
-    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        self._run(self._prune, thread_ids, strategy)
-
-
-__all__ = ["AsyncKustoSaver"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from langgraph.checkpoint.base import (
@@ -20,6 +20,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .engine import Engine, EngineConfig
 from .engine.backends.base import Backend
+from .engine.backends.embedded import EmbeddedBackend
 from .engine.errors import ConfigError
 from .rows import (
     decode_bundle,
@@ -27,7 +28,6 @@ from .rows import (
     encode_writes,
     ids_of,
     metadata_matches,
-    thread_id_of,
 )
 from .telemetry import Instruments, names
 
@@ -87,40 +87,27 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             attrs[names.ERROR_TYPE] = type(error).__name__
         self._inst.operation_duration.record(time.perf_counter() - started, self._inst.attrs(**attrs))
 
+    async def _timed(self, op: str, fn: Any, *args: Any) -> Any:
+        """Run one saver operation inside its span and record its duration."""
+        started = time.perf_counter()
+        with self._span(op):
+            try:
+                result = await fn(*args)
+            except BaseException as exc:
+                self._done(op, started, exc)
+                raise
+        self._done(op, started)
+        return result
+
     # -- the operations, as coroutines in the engine's loop ------------------
 
     async def _get_tuple(self, config: Any) -> CheckpointTuple | None:
-        started = time.perf_counter()
-        with self._span("get_tuple"):
-            try:
-                tid, ns, cid = ids_of(config)
-                assert tid is not None
-                bundle = await self.engine.get(tid, ns, cid)
-                result = decode_bundle(self.serde, bundle) if bundle is not None else None
-            except BaseException as exc:
-                self._done("get_tuple", started, exc)
-                raise
-        self._done("get_tuple", started)
-        return result
+        tid, ns, cid = ids_of(config)
+        assert tid is not None
+        bundle = await self.engine.get(tid, ns, cid)
+        return decode_bundle(self.serde, bundle) if bundle is not None else None
 
     async def _list(
-        self,
-        config: Any,
-        filter: Mapping[str, Any] | None,
-        before: Any,
-        limit: int | None,
-    ) -> list[CheckpointTuple]:
-        started = time.perf_counter()
-        with self._span("list"):
-            try:
-                result = await self._list_inner(config, filter, before, limit)
-            except BaseException as exc:
-                self._done("list", started, exc)
-                raise
-        self._done("list", started)
-        return result
-
-    async def _list_inner(
         self, config: Any, filter: Mapping[str, Any] | None, before: Any, limit: int | None
     ) -> list[CheckpointTuple]:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
@@ -152,68 +139,169 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> dict[str, Any]:
-        started = time.perf_counter()
-        with self._span("put"):
-            try:
-                records, next_config = encode_put(
-                    self.serde, config, checkpoint, metadata, new_versions, self.options.cell_limit
-                )
-                await self.engine.put(records, operation="put")  # type: ignore[arg-type]
-            except BaseException as exc:
-                self._done("put", started, exc)
-                raise
-        self._done("put", started)
+        records, next_config = encode_put(
+            self.serde, config, checkpoint, metadata, new_versions, self.options.cell_limit
+        )
+        await self.engine.put(records, operation="put")  # type: ignore[arg-type]
         return next_config
 
     async def _put_writes(
         self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
     ) -> None:
-        started = time.perf_counter()
-        with self._span("put_writes"):
-            try:
-                records = encode_writes(self.serde, config, writes, task_id, task_path)
-                if records:
-                    await self.engine.put(records, operation="put_writes")  # type: ignore[arg-type]
-            except BaseException as exc:
-                self._done("put_writes", started, exc)
-                raise
-        self._done("put_writes", started)
+        records = encode_writes(self.serde, config, writes, task_id, task_path)
+        if records:
+            await self.engine.put(records, operation="put_writes")  # type: ignore[arg-type]
 
     async def _delete_thread(self, thread_id: str) -> None:
-        await self._timed("delete_thread", self.engine.delete_threads(_ids([thread_id], "thread_id")))
+        await self.engine.delete_threads(_ids([thread_id], "thread_id"))
 
     async def _delete_for_runs(self, run_ids: Sequence[str]) -> None:
         ids = _ids(run_ids, "run_ids")
         if ids:
-            await self._timed("delete_for_runs", self.engine.delete_runs(ids))
+            await self.engine.delete_runs(ids)
 
     async def _copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         src, dst = _ids([source_thread_id, target_thread_id], "thread ids")
         if src == dst:
             raise ConfigError("copy_thread needs two different thread ids")
-        await self._timed("copy_thread", self.engine.copy_thread(src, dst))
+        await self.engine.copy_thread(src, dst)
 
     async def _prune(self, thread_ids: Sequence[str], strategy: str) -> None:
         if strategy not in PRUNE_STRATEGIES:
             raise ConfigError(f"strategy must be one of {PRUNE_STRATEGIES}, got {strategy!r}")
         ids = _ids(thread_ids, "thread_ids")
         if ids:
-            await self._timed("prune", self.engine.prune(ids, strategy))
-
-    async def _timed(self, op: str, coro: Any) -> Any:
-        started = time.perf_counter()
-        with self._span(op):
-            try:
-                result = await coro
-            except BaseException as exc:
-                self._done(op, started, exc)
-                raise
-        self._done(op, started)
-        return result
+            await self.engine.prune(ids, strategy)
 
     async def _flush(self) -> None:
         await self.engine.flush()
 
+    # -- how each saver reaches the engine's loop (see the subclasses) --------
 
-def thread_of(config: Any) -> str:
-    return thread_id_of(config)
+    def _blocking(self, fn: Any, *args: Any) -> Any:  # pragma: no cover - abstract
+        """Run coroutine function ``fn`` in the engine's loop from sync code."""
+        raise NotImplementedError
+
+    async def _in_loop(self, fn: Any, *args: Any) -> Any:  # pragma: no cover - abstract
+        """Run coroutine function ``fn`` in the engine's loop from async code."""
+        raise NotImplementedError
+
+    # -- the BaseCheckpointSaver API, sync and async -------------------------
+
+    def get_tuple(self, config: Any) -> CheckpointTuple | None:
+        return self._blocking(self._timed, "get_tuple", self._get_tuple, config)  # type: ignore[no-any-return]
+
+    async def aget_tuple(self, config: Any) -> CheckpointTuple | None:
+        return await self._in_loop(self._timed, "get_tuple", self._get_tuple, config)  # type: ignore[no-any-return]
+
+    def list(
+        self,
+        config: Any,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: Any = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        yield from self._blocking(self._timed, "list", self._list, config, filter, before, limit)
+
+    async def alist(
+        self,
+        config: Any,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: Any = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        for tup in await self._in_loop(self._timed, "list", self._list, config, filter, before, limit):
+            yield tup
+
+    def put(
+        self,
+        config: Any,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> dict[str, Any]:
+        return self._blocking(self._timed, "put", self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
+
+    async def aput(
+        self,
+        config: Any,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> dict[str, Any]:
+        return await self._in_loop(self._timed, "put", self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
+
+    def put_writes(
+        self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
+    ) -> None:
+        self._blocking(self._timed, "put_writes", self._put_writes, config, writes, task_id, task_path)
+
+    async def aput_writes(
+        self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
+    ) -> None:
+        await self._in_loop(self._timed, "put_writes", self._put_writes, config, writes, task_id, task_path)
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._blocking(self._timed, "delete_thread", self._delete_thread, thread_id)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._in_loop(self._timed, "delete_thread", self._delete_thread, thread_id)
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._blocking(self._timed, "delete_for_runs", self._delete_for_runs, run_ids)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await self._in_loop(self._timed, "delete_for_runs", self._delete_for_runs, run_ids)
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._blocking(self._timed, "copy_thread", self._copy_thread, source_thread_id, target_thread_id)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self._in_loop(self._timed, "copy_thread", self._copy_thread, source_thread_id, target_thread_id)
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._blocking(self._timed, "prune", self._prune, thread_ids, strategy)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await self._in_loop(self._timed, "prune", self._prune, thread_ids, strategy)
+
+    # -- construction on either store ----------------------------------------
+
+    @classmethod
+    def embedded(
+        cls, path: str = ":memory:", *, serde: SerializerProtocol | None = None, **options: Any
+    ) -> Any:
+        """A saver on the embedded DuckDB store at ``path`` (a file, or ``":memory:"``)."""
+        return cls(EmbeddedBackend(path), serde=serde, **options)
+
+    @classmethod
+    def from_connection_string(
+        cls,
+        cluster_uri: str | None = None,
+        database: str | None = None,
+        *,
+        credential: Any = None,
+        ingest_mode: str = "streaming",
+        query_timeout: float = 60.0,
+        ingest_uri: str | None = None,
+        serde: SerializerProtocol | None = None,
+        **engine_options: Any,
+    ) -> Any:
+        """A saver on an Azure Data Explorer database.
+
+        ``credential``: an azure-identity TokenCredential (default DefaultAzureCredential),
+        a KustoConnectionStringBuilder or a connection string; an ``http://`` cluster URI
+        (a local endpoint) connects without authentication. See :class:`KustoBackend`.
+        """
+        from .engine.backends.kusto import KustoBackend
+
+        backend = KustoBackend(
+            cluster_uri, database, credential=credential, ingest_mode=ingest_mode,
+            query_timeout=query_timeout, ingest_uri=ingest_uri,
+        )
+        if ingest_mode != "streaming":
+            # queued rows become queryable only when their batch seals (provision.kql: 30 s)
+            engine_options.setdefault("visibility_delay", 120.0)
+        return cls(backend, serde=serde, **engine_options)

@@ -57,10 +57,6 @@ def configurable(config: Any) -> Mapping[str, Any]:
     return conf
 
 
-def thread_id_of(config: Any) -> str:
-    return _ident(configurable(config).get("thread_id"), "thread_id")  # type: ignore[return-value]
-
-
 def ids_of(config: Any, *, thread_required: bool = True) -> tuple[str | None, str, str | None]:
     conf = configurable(config)
     tid = _ident(conf.get("thread_id"), "thread_id", required=thread_required)

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
-from langgraph.checkpoint.base import (
-    ChannelVersions,
-    Checkpoint,
-    CheckpointMetadata,
-    CheckpointTuple,
-)
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .base import KustoSaverBase
 from .engine.backends.base import Backend
-from .engine.backends.embedded import EmbeddedBackend
 
 
 class KustoSaver(KustoSaverBase):
@@ -51,45 +43,7 @@ class KustoSaver(KustoSaverBase):
         self._portal: Any = None
         self._engine_cm: Any = None
 
-    @classmethod
-    def embedded(
-        cls, path: str = ":memory:", *, serde: SerializerProtocol | None = None, **options: Any
-    ) -> KustoSaver:
-        """A saver on the embedded DuckDB store at ``path`` (a file, or ``":memory:"``)."""
-        return cls(EmbeddedBackend(path), serde=serde, **options)
-
-    # -- Kusto: construction and schema setup (KustoBackend) ----------------
-
-    @classmethod
-    def from_connection_string(
-        cls,
-        cluster_uri: str | None = None,
-        database: str | None = None,
-        *,
-        credential: Any = None,
-        ingest_mode: str = "streaming",
-        query_timeout: float = 60.0,
-        ingest_uri: str | None = None,
-        serde: SerializerProtocol | None = None,
-        **engine_options: Any,
-    ) -> KustoSaver:
-        """A saver on an Azure Data Explorer database (use it with ``with``).
-
-        ``credential``: an azure-identity TokenCredential (default DefaultAzureCredential),
-        a KustoConnectionStringBuilder or a connection string; an ``http://`` cluster URI
-        (a local endpoint) connects without authentication. See :class:`KustoBackend`.
-        ``portal_backend`` ("asyncio" or "trio") may be passed with the engine options.
-        """
-        from .engine.backends.kusto import KustoBackend
-
-        backend = KustoBackend(
-            cluster_uri, database, credential=credential, ingest_mode=ingest_mode,
-            query_timeout=query_timeout, ingest_uri=ingest_uri,
-        )
-        if ingest_mode != "streaming":
-            # queued rows become queryable only when their batch seals (provision.kql: 30 s)
-            engine_options.setdefault("visibility_delay", 120.0)
-        return cls(backend, serde=serde, **engine_options)
+    # -- schema setup (KustoBackend) -----------------------------------------
 
     def setup(self, create: bool = False) -> Any:
         """Check the database schema (``create=True``: run provision.kql first); raises a
@@ -99,7 +53,7 @@ class KustoSaver(KustoSaverBase):
         if setup is None:
             return None
         if self._portal is not None:
-            return self._call(setup, create)
+            return self._blocking(setup, create)
         return anyio.run(setup, create, backend=self.portal_backend)
 
     async def asetup(self, create: bool = False) -> Any:
@@ -136,98 +90,17 @@ class KustoSaver(KustoSaverBase):
     def close(self) -> None:
         self.__exit__(None, None, None)
 
-    def _call(self, fn: Any, *args: Any) -> Any:
+    def flush(self) -> None:
+        """Return once every row accepted so far is in the backend."""
+        self._blocking(self._flush)
+
+    # -- reaching the engine's loop (the portal's thread) ---------------------
+
+    def _blocking(self, fn: Any, *args: Any) -> Any:
         portal = self._portal
         if portal is None:
             raise RuntimeError("KustoSaver is not open: enter it with `with` first")
         return portal.call(fn, *args)
 
-    def flush(self) -> None:
-        """Return once every row accepted so far is in the backend."""
-        self._call(self._flush)
-
-    # -- sync API ----------------------------------------------------------
-
-    def get_tuple(self, config: Any) -> CheckpointTuple | None:
-        return self._call(self._get_tuple, config)  # type: ignore[no-any-return]
-
-    def list(
-        self,
-        config: Any,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: Any = None,
-        limit: int | None = None,
-    ) -> Iterator[CheckpointTuple]:
-        yield from self._call(self._list, config, filter, before, limit)
-
-    def put(
-        self,
-        config: Any,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> dict[str, Any]:
-        return self._call(self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
-
-    def put_writes(
-        self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
-    ) -> None:
-        self._call(self._put_writes, config, writes, task_id, task_path)
-
-    def delete_thread(self, thread_id: str) -> None:
-        self._call(self._delete_thread, thread_id)
-
-    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._call(self._delete_for_runs, run_ids)
-
-    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._call(self._copy_thread, source_thread_id, target_thread_id)
-
-    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        self._call(self._prune, thread_ids, strategy)
-
-    # -- async API, from any event loop --------------------------------------
-
-    async def _acall(self, fn: Any, *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(self._call, fn, *args)
-
-    async def aget_tuple(self, config: Any) -> CheckpointTuple | None:
-        return await self._acall(self._get_tuple, config)  # type: ignore[no-any-return]
-
-    async def alist(
-        self,
-        config: Any,
-        *,
-        filter: dict[str, Any] | None = None,
-        before: Any = None,
-        limit: int | None = None,
-    ) -> AsyncIterator[CheckpointTuple]:
-        for tup in await self._acall(self._list, config, filter, before, limit):
-            yield tup
-
-    async def aput(
-        self,
-        config: Any,
-        checkpoint: Checkpoint,
-        metadata: CheckpointMetadata,
-        new_versions: ChannelVersions,
-    ) -> dict[str, Any]:
-        return await self._acall(self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
-
-    async def aput_writes(
-        self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
-    ) -> None:
-        await self._acall(self._put_writes, config, writes, task_id, task_path)
-
-    async def adelete_thread(self, thread_id: str) -> None:
-        await self._acall(self._delete_thread, thread_id)
-
-    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await self._acall(self._delete_for_runs, run_ids)
-
-    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await self._acall(self._copy_thread, source_thread_id, target_thread_id)
-
-    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        await self._acall(self._prune, thread_ids, strategy)
+    async def _in_loop(self, fn: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(self._blocking, fn, *args)

@@ -807,6 +807,9 @@ class _HTTPServer(KustoRestServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # answers go out in two writes (headers, body); with Nagle on, each would wait
+    # ~40 ms for the client's delayed ACK
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
     server_version = "kusto-loopback/1"
 

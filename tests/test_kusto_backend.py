@@ -88,16 +88,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 
-@pytest.fixture(autouse=True)
-def _loopback_without_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loopback answers in two writes (headers, body) from a socket with Nagle's
-    algorithm on: each answer then waits ~40 ms for the client's delayed ACK. Turning it
-    off (http.server's own switch) makes these tests ~5x faster; it changes no behaviour."""
-    import kusto_loopback
-
-    monkeypatch.setattr(kusto_loopback._Handler, "disable_nagle_algorithm", True, raising=False)
-
-
 @asynccontextmanager
 async def loopback(provision: bool = True, **options: Any) -> AsyncIterator[LoopbackKusto]:
     """A loopback Kusto endpoint, provisioned with provision.kql through setup(create=True)."""

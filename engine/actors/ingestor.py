@@ -23,7 +23,7 @@ from tenacity import RetryCallState
 
 from ...telemetry import names
 from ..actor import Actor
-from ..errors import IngestError
+from ..errors import IngestError, TransientBackendError
 from ..retry import retrying
 from ..messages import Batch, Drain, IngestBatch, Ingested
 
@@ -98,10 +98,8 @@ class Ingestor(Actor):
             ):
                 await retrying(cfg, lambda: rt.backend.ingest(batch.table, batch.rows), count_retry)
         except Exception as exc:  # noqa: BLE001 - reported to every waiter below
-            error = IngestError(
-                f"could not ingest {len(batch.rows)} row(s) into {batch.table} "
-                f"after {cfg.max_retries} retries: {exc}"
-            )
+            why = f"after {cfg.max_retries} retries" if isinstance(exc, TransientBackendError) else "(not retryable)"
+            error = IngestError(f"could not ingest {len(batch.rows)} row(s) into {batch.table} {why}: {exc}")
             error.__cause__ = exc
         elapsed = time.perf_counter() - started
         outcome = "ok" if error is None else "failed"

@@ -34,7 +34,7 @@ from ..errors import BackendError
 from ..messages import Accept, Ingested, QueryDone, Read, ReadSpec
 from ..reads import checkpoint_from_row, values_from_rows
 from ..retry import retrying
-from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, WriteRec, newer_write
+from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, WriteRec, newer_write, to_micros
 from ..schema import SCOPE_RUN
 
 
@@ -155,7 +155,6 @@ class QueryCache(Actor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.views: OrderedDict[tuple[str, str], View] = OrderedDict()
-        self._next_read = 0
 
     async def on_start(self) -> None:
         # reads whose backend query died with the previous incarnation: run again
@@ -333,7 +332,6 @@ class QueryCache(Actor):
                     return
         self.state.misses += 1
         inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "miss"}))
-        self._next_read += 1
         self.state.reads[id(msg)] = msg
         self._spawn(msg, 1, None)
 
@@ -495,8 +493,6 @@ class QueryCache(Actor):
 
 
 def _header(row: dict[str, Any]) -> CheckpointRec:
-    from ..records import to_micros
-
     return CheckpointRec(
         thread_id=row["thread_id"],
         checkpoint_ns=row["checkpoint_ns"] or "",
