@@ -23,7 +23,7 @@ from .actors.query_cache import Overlay, QueryCache
 from .backends.base import Backend
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError
-from .messages import CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Read, ReadSpec
+from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Read, ReadSpec
 from .records import Bundle, Record
 from .runtime import Runtime
 from .supervisor import ChildSpec, Supervisor
@@ -167,23 +167,38 @@ class Engine:
     # -- writes ------------------------------------------------------------
 
     async def put(self, records: list[Record], *, operation: str = "put") -> None:
+        """Accept a put's records.
+
+        Fast path, when both the cache's and the batcher's mailboxes have room:
+        the records go to the query cache (overlay) and to the batcher with two
+        non-blocking sends and no yield in between, so the put is applied to
+        both or to neither, and no reply is awaited. A read sent afterwards
+        reaches the cache's FIFO behind the ``Accept``: read-your-writes holds.
+        Otherwise (backpressure) the put waits for room in the batcher's
+        mailbox, the batcher hands the records to the cache, and the cache
+        replies once they are in the overlay.
+        """
         rt = self._check()
         cfg = rt.config
         ingested = rt.reply() if cfg.durability == "ingested" else None
-        msg = make_put(rt, records, rt.reply(), ticket_reply=ingested)
-        mailbox = rt.mailboxes["batcher"]
+        batcher = rt.mailboxes["batcher"]
+        cache = rt.mailboxes["cache"]
         try:
             with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
-                if mailbox.depth() >= mailbox.size:
+                if batcher.has_room() and cache.has_room():
+                    msg = make_put(rt, records, None, ticket_reply=ingested)
+                    msg.accepted = True
+                    cache.send_nowait(Accept(records, None, msg.update_views))
+                    batcher.send_nowait(msg)
+                else:
+                    msg = make_put(rt, records, rt.reply(), ticket_reply=ingested)
                     started = time.perf_counter()
                     await self._send(rt, "batcher", msg)
                     inst = self.instruments
                     inst.backpressure_wait.record(
                         time.perf_counter() - started, inst.attrs(**{names.DB_OPERATION_NAME: operation})
                     )
-                else:
-                    await self._send(rt, "batcher", msg)
-                await msg.reply.wait()  # type: ignore[union-attr]
+                    await msg.reply.wait()  # type: ignore[union-attr]
                 if ingested is not None:
                     await ingested.wait()
         except TimeoutError:

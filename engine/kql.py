@@ -51,6 +51,17 @@ def checkpoints_query(limit: int | None, with_values: bool) -> str:
     return text
 
 
+def latest_query() -> str:
+    """The latest visible checkpoint of each (thread, namespace) asked for.
+
+    One query answers the first reads of many threads at once (the query
+    cache coalesces concurrent misses into it).
+    """
+    body = _CHECKPOINTS_BODY.replace("{columns}", _CK_COLUMNS)
+    head, _, _ = body.rpartition("\n| project ")
+    return f"{head}\n| summarize arg_max(checkpoint_id, *) by thread_id, checkpoint_ns\n| project {_CK_COLUMNS}"
+
+
 def checkpoints_params(
     thread_ids: tuple[str, ...] | None,
     checkpoint_ns: str | None,
@@ -126,5 +137,6 @@ def all_templates() -> list[tuple[str, str]]:
         ("checkpoints", checkpoints_query(None, True)),
         ("checkpoints_limit", checkpoints_query(10, True)),
         ("checkpoint_headers", checkpoints_query(None, False)),
+        ("latest", latest_query()),
         ("values", VALUES_QUERY),
     ]

@@ -1,7 +1,7 @@
 """Mailboxes and one-shot replies: how actors and callers talk.
 
-A :class:`Mailbox` is a bounded anyio memory object stream plus a small
-redelivery queue. It belongs to the engine, not to the actor reading it, so a
+A :class:`Mailbox` is a bounded FIFO plus a small redelivery queue. It
+belongs to the engine, not to the actor reading it, so a
 restarted actor finds every queued message where it was, and the message it
 had in hand when it crashed is put back at the front (once) or failed back.
 
@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any, Generic, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+import anyio.lowlevel
 
 from .errors import EngineClosedError
 
@@ -76,62 +76,139 @@ class Message:
 
 
 class Mailbox:
+    """A bounded FIFO with one reader, owned by the engine.
+
+    Written on a deque and anyio Events rather than a memory object stream for
+    two guarantees the engine relies on: a ``send`` either enqueues the message
+    or raises (never both, even when cancelled at the moment the reader makes
+    room), and :meth:`has_room` tells, without a yield in between, whether a
+    ``send_nowait`` will succeed, so a caller can hand one put to two actors
+    atomically. The reader yields to the event loop every ``YIELD_EVERY``
+    messages so a busy actor does not starve the others.
+    """
+
+    YIELD_EVERY = 64
+
     def __init__(self, name: str, size: int) -> None:
         self.name = name
         self.size = size
-        send, receive = anyio.create_memory_object_stream[Any](size)
-        self._send: MemoryObjectSendStream[Any] = send
-        self._receive: MemoryObjectReceiveStream[Any] = receive
+        self._buf: deque[Any] = deque()
         self._redeliver: deque[Any] = deque()
+        self._reader: anyio.Event | None = None
+        self._space: deque[anyio.Event] = deque()
+        self._since_yield = 0
+        #: no more sends; the reader drains what is queued
         self.closed = False
+        #: the engine failed: nothing is read any more, senders get an error
+        self._receive_closed = False
 
-    async def send(self, msg: Any) -> None:
-        try:
-            await self._send.send(msg)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise EngineClosedError(f"the {self.name} mailbox is closed") from None
+    # -- sending -------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return len(self._buf) < self.size and not self.closed and not self._receive_closed
 
     def send_nowait(self, msg: Any) -> None:
-        try:
-            self._send.send_nowait(msg)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise EngineClosedError(f"the {self.name} mailbox is closed") from None
+        """Enqueue or raise anyio.WouldBlock (full) / EngineClosedError (closed)."""
+        if self.closed or self._receive_closed:
+            raise EngineClosedError(f"the {self.name} mailbox is closed")
+        if len(self._buf) >= self.size:
+            raise anyio.WouldBlock
+        self._buf.append(msg)
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            reader.set()
+
+    async def send(self, msg: Any) -> None:
+        """Enqueue, waiting while the mailbox is full (the backpressure)."""
+        while True:
+            try:
+                self.send_nowait(msg)
+                return
+            except anyio.WouldBlock:
+                pass
+            event = anyio.Event()
+            self._space.append(event)
+            try:
+                await event.wait()
+            except BaseException:
+                if event.is_set():
+                    self._wake_sender()  # pass the room we were given on
+                else:
+                    self._space.remove(event)
+                raise
+
+    def _wake_sender(self) -> None:
+        if self._space:
+            self._space.popleft().set()
+
+    # -- receiving -----------------------------------------------------------
 
     async def receive(self) -> Any:
         """Next message; raises anyio.EndOfStream once closed and drained."""
-        if self._redeliver:
-            return self._redeliver.popleft()
-        return await self._receive.receive()
+        while True:
+            if self._redeliver:
+                return self._redeliver.popleft()
+            if self._buf:
+                self._since_yield += 1
+                if self._since_yield >= self.YIELD_EVERY:
+                    self._since_yield = 0
+                    await anyio.lowlevel.checkpoint()
+                    continue
+                msg = self._buf.popleft()
+                self._wake_sender()
+                return msg
+            if self._receive_closed:
+                raise anyio.ClosedResourceError
+            if self.closed:
+                raise anyio.EndOfStream
+            self._since_yield = 0
+            reader = self._reader = anyio.Event()
+            await reader.wait()
 
     def receive_nowait(self) -> Any:
         """Next message or raises anyio.WouldBlock / anyio.EndOfStream."""
         if self._redeliver:
             return self._redeliver.popleft()
-        return self._receive.receive_nowait()
+        if self._buf:
+            msg = self._buf.popleft()
+            self._wake_sender()
+            return msg
+        if self.closed or self._receive_closed:
+            raise anyio.EndOfStream
+        raise anyio.WouldBlock
 
     def redeliver(self, msg: Any) -> None:
         self._redeliver.appendleft(msg)
 
+    # -- state ---------------------------------------------------------------
+
     def depth(self) -> int:
-        return self._receive.statistics().current_buffer_used + len(self._redeliver)
+        return len(self._buf) + len(self._redeliver)
 
     def blocked_senders(self) -> int:
-        return self._send.statistics().tasks_waiting_send
+        return len(self._space)
+
+    def _wake_all(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.set()
+        while self._space:
+            self._space.popleft().set()
 
     def close(self) -> None:
         """No more sends; the reader drains what is queued, then sees EndOfStream."""
         self.closed = True
-        self._send.close()
+        self._wake_all()
 
     def drain(self) -> list[Any]:
         """Take every queued message (used when the engine fails)."""
-        out = list(self._redeliver)
+        out = list(self._redeliver) + list(self._buf)
         self._redeliver.clear()
-        while True:
-            try:
-                out.append(self._receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return out
+        self._buf.clear()
+        return out
 
     def close_receive(self) -> None:
-        self._receive.close()
+        """The reader is gone: blocked and later senders get EngineClosedError."""
+        self._receive_closed = True
+        self._wake_all()

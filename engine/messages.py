@@ -28,7 +28,7 @@ class Ticket:
 
 
 class Put(Message):
-    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views")
+    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "accepted")
 
     def __init__(
         self,
@@ -46,6 +46,8 @@ class Put(Message):
         self.nbytes = nbytes
         self.ticket = ticket
         self.update_views = update_views
+        #: the sender already handed the records to the query cache (fast path)
+        self.accepted = False
 
 
 class Flush(Message):

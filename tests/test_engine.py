@@ -88,6 +88,46 @@ async def test_reads_after_reopen_come_from_the_store(tmp_path: Any) -> None:
         assert saver.engine.stats()["cache_hits"] == hits + 1
 
 
+async def test_concurrent_first_reads_share_backend_queries(tmp_path: Any) -> None:
+    path = str(tmp_path / "cp.duckdb")
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        written = {f"t{i}": await put_chain(saver, f"t{i}", 2) for i in range(40)}
+    backend = FaultyBackend(EmbeddedBackend(path), FaultPlan(query_latency=Latency(0.01)))
+    async with AsyncKustoSaver(backend, **FAST) as saver:
+        got: dict[str, Any] = {}
+
+        async def first_read(tid: str) -> None:
+            got[tid] = await saver.aget_tuple({"configurable": {"thread_id": tid, "checkpoint_ns": ""}})
+
+        async with anyio.create_task_group() as tg:
+            for tid in [*written, "never-written"]:
+                tg.start_soon(first_read, tid)
+        assert got.pop("never-written") is None
+        for tid, ids in written.items():
+            tup = got[tid]
+            assert tup is not None and tup.checkpoint["id"] == ids[-1], tid
+            assert tup.pending_writes == [("task-1", "messages", "w1")]
+            assert tup.checkpoint["channel_values"]["messages"] == ["m0", "m1"]
+        # 41 first reads: one query for the checkpoints of every thread waiting, one
+        # for the values of each; far fewer than two queries per read
+        assert backend.query_calls < 41, backend.query_calls
+
+
+async def test_a_coalesced_read_skips_an_incomplete_newest_checkpoint(tmp_path: Any) -> None:
+    path = str(tmp_path / "cp.duckdb")
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        ids = await put_chain(saver, "t", 3)
+    # the newest checkpoint's blob is not (yet) in the store, as when another process
+    # is half-way through ingesting it
+    backend = EmbeddedBackend(path)
+    async with AsyncKustoSaver(backend, **FAST) as saver:
+        cur = backend._cursor()
+        cur.execute("DELETE FROM CheckpointBlobs WHERE version = ?", [f"{3:032}.0"])
+        tup = await saver.aget_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": ""}})
+        assert tup is not None and tup.checkpoint["id"] == ids[1]
+        assert tup.checkpoint["channel_values"]["messages"] == ["m0", "m1"]
+
+
 @pytest.mark.parametrize("actor", ["cache", "ingestor", "batcher", "deleter"])
 async def test_crashed_actor_is_restarted_and_nothing_is_lost(actor: str) -> None:
     saver, backend = saver_on(FaultPlan(ingest_latency=Latency(0.002)))

@@ -1,8 +1,9 @@
 """Batcher: groups rows per table by count, bytes and age, and hands batches on.
 
-Every put passes through here first. The batcher tells the query cache about
-the put's records (``Accept``; the cache answers the caller, so a read that
-follows the put always sees it), buffers the rows, and sends full batches to
+Every put passes through here. Unless the caller already handed the put's
+records to the query cache itself (the fast path, see ``Engine.put``), the
+batcher does (``Accept``; the cache answers the caller, so a read that follows
+the put always sees it). It buffers the rows, and sends full batches to
 the ingestor. Sending blocks while the ingestor is busy; while it blocks the
 batcher reads no more puts, its mailbox fills, and callers block: that is the
 backpressure. Bytes held by the batcher are capped at
@@ -68,7 +69,8 @@ class Batcher(Actor):
         cfg = self.runtime.config
         if st.buffered_bytes and st.buffered_bytes + msg.nbytes > cfg.batcher_buffer_bytes:
             await self._flush_all()
-        await self.runtime.mailbox("cache").send(Accept(msg.records, msg.reply, msg.update_views))
+        if not msg.accepted:
+            await self.runtime.mailbox("cache").send(Accept(msg.records, msg.reply, msg.update_views))
         now = time.monotonic()
         full: set[str] = set()
         for table, row, seq, nbytes in msg.rows:

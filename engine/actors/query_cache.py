@@ -148,6 +148,17 @@ class View:
     early: dict[str, dict[tuple[str, int], WriteRec]] = field(default_factory=dict)
 
 
+class LatestBatch:
+    """Concurrent first reads of threads' latest checkpoints, answered by one query."""
+
+    __slots__ = ("reads", "items")
+
+    def __init__(self) -> None:
+        self.reads: list[Read] = []
+        #: stage 2: (read, its candidate checkpoints, fall back if none is complete)
+        self.items: list[tuple[Read, list[CheckpointRec], bool]] = []
+
+
 class QueryCache(Actor):
     name = "cache"
     state: Overlay
@@ -155,6 +166,8 @@ class QueryCache(Actor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.views: OrderedDict[tuple[str, str], View] = OrderedDict()
+        #: latest-reads that missed and wait for a query slot, by namespace
+        self._waiting: dict[str, LatestBatch] = {}
 
     async def on_start(self) -> None:
         # reads whose backend query died with the previous incarnation: run again
@@ -333,7 +346,31 @@ class QueryCache(Actor):
         self.state.misses += 1
         inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "miss"}))
         self.state.reads[id(msg)] = msg
-        self._spawn(msg, 1, None)
+        if (
+            spec.latest and spec.checkpoint_id is None and spec.thread_ids is not None
+            and len(spec.thread_ids) == 1 and spec.checkpoint_ns is not None
+            and not self.state.relevant_tombs(spec)
+        ):
+            self._coalesce(msg)
+        else:
+            self._spawn(msg, 1, None)
+
+    def _coalesce(self, msg: Read) -> None:
+        """Join the batch of latest-reads waiting for a query slot, or start one.
+
+        A batch takes every read that arrived while it waited for the query
+        limiter, so N threads read for the first time cost a few queries, not N.
+        """
+        ns = msg.spec.checkpoint_ns or ""
+        batch = self._waiting.get(ns)
+        if batch is None:
+            batch = self._waiting[ns] = LatestBatch()
+            ov = self.state
+            epoch = ov.epoch
+            ov.inflight[epoch] += 1
+            assert self.tg is not None
+            self.tg.start_soon(self._run_latest, batch, ns, epoch)
+        batch.reads.append(msg)
 
     def _bundle_from_view(self, view: View) -> Bundle | None:
         if view.latest is None:
@@ -372,18 +409,48 @@ class QueryCache(Actor):
                         result = [r for r in result if r.checkpoint_id < spec.before]
                 else:
                     rows = await retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
-                    result = (carry[0], values_from_rows(rows))
+                    result = (carry[0], _indexed(values_from_rows(rows)), carry[2])
         except Exception as exc:  # noqa: BLE001 - failed back to the reader
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
             if error is not exc:
                 error.__cause__ = exc
         await self.mailbox.send(QueryDone(msg, stage, result, error, epoch))
 
+    async def _run_latest(self, batch: LatestBatch, ns: str, epoch: int) -> None:
+        rt = self.runtime
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            limiter = rt.query_limiter
+            assert limiter is not None
+            async with limiter:
+                if self._waiting.get(ns) is batch:
+                    del self._waiting[ns]  # reads arriving from now on start the next batch
+                tids = sorted({r.spec.thread_ids[0] for r in batch.reads})  # type: ignore[index]
+                params = kql.checkpoints_params(tuple(tids), ns, None)
+                rows = await retrying(rt.config, lambda: rt.backend.query(kql.latest_query(), params))
+                result = [checkpoint_from_row(r) for r in rows]
+        except Exception as exc:  # noqa: BLE001 - failed back to the readers
+            error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
+            if error is not exc:
+                error.__cause__ = exc
+        finally:
+            if self._waiting.get(ns) is batch:
+                del self._waiting[ns]
+        await self.mailbox.send(QueryDone(batch, 1, result, error, epoch))  # type: ignore[arg-type]
+
     def _query_done(self, done: QueryDone) -> None:
         ov = self.state
         ov.inflight[done.epoch] -= 1
         if ov.inflight[done.epoch] <= 0:
             del ov.inflight[done.epoch]
+        if isinstance(done.request, LatestBatch):
+            if done.stage == 1:
+                self._latest_done(done.request, done.result, done.error)
+            else:
+                self._latest_values_done(done.request, done.result, done.error)
+            self._purge()
+            return
         msg = done.request
         reply = msg.reply
         assert reply is not None
@@ -398,7 +465,64 @@ class QueryCache(Actor):
             self._merge_values(msg, *done.result)
         self._purge()
 
-    def _merge_checkpoints(self, msg: Read, backend: list[CheckpointRec]) -> None:
+    def _latest_done(self, batch: LatestBatch, result: Any, error: BaseException | None) -> None:
+        ov = self.state
+        if error is not None:
+            for msg in batch.reads:
+                ov.reads.pop(id(msg), None)
+                msg.reply.fail(error)  # type: ignore[union-attr]
+            return
+        latest = {r.thread_id: r for r in result}
+        items: list[tuple[Read, list[CheckpointRec], bool]] = []
+        for msg in batch.reads:
+            if id(msg) not in ov.reads:
+                continue  # answered already (re-run after a restart)
+            rec = latest.get(msg.spec.thread_ids[0])  # type: ignore[index]
+            if rec is not None and ov.covered(rec):
+                # deleted here after the query started: older checkpoints may be visible
+                self._spawn(msg, 1, None)
+                continue
+            cands = self._candidates(msg, [rec] if rec is not None else [])
+            if cands is not None:
+                items.append((msg, cands, rec is not None))
+        if items:
+            values = LatestBatch()
+            values.items = items
+            ov.inflight[ov.epoch] += 1
+            assert self.tg is not None
+            self.tg.start_soon(
+                self._run_values, values, _values_params([c for _, cs, _ in items for c in cs]), ov.epoch
+            )
+
+    async def _run_values(self, batch: LatestBatch, params: dict[str, Any], epoch: int) -> None:
+        rt = self.runtime
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            limiter = rt.query_limiter
+            assert limiter is not None
+            async with limiter:
+                rows = await retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, params))
+                result = _indexed(values_from_rows(rows))
+        except Exception as exc:  # noqa: BLE001 - failed back to the readers
+            error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
+            if error is not exc:
+                error.__cause__ = exc
+        await self.mailbox.send(QueryDone(batch, 2, result, error, epoch))  # type: ignore[arg-type]
+
+    def _latest_values_done(self, batch: LatestBatch, result: Any, error: BaseException | None) -> None:
+        ov = self.state
+        for msg, cands, fallback in batch.items:
+            if id(msg) not in ov.reads:
+                continue
+            if error is not None:
+                ov.reads.pop(id(msg), None)
+                msg.reply.fail(error)  # type: ignore[union-attr]
+            else:
+                self._merge_values(msg, cands, result, fallback)
+
+    def _candidates(self, msg: Read, backend: list[CheckpointRec]) -> list[CheckpointRec] | None:
+        """Merge the backend's checkpoints with the overlay's; None once ``msg`` is answered."""
         ov = self.state
         spec = msg.spec
         merged: dict[tuple[str, str, str], CheckpointRec] = {r.key: r for r in backend}
@@ -411,7 +535,7 @@ class QueryCache(Actor):
                 cands = cands[: spec.limit]
             ov.reads.pop(id(msg), None)
             msg.reply.set([Bundle(c) for c in cands])  # type: ignore[union-attr]
-            return
+            return None
         if spec.limit is not None and not spec.latest:
             cands = cands[: spec.limit]
         if spec.latest:
@@ -423,24 +547,23 @@ class QueryCache(Actor):
                 self.views[key] = View(None, {}, {}, time.monotonic())
                 self._trim()
             msg.reply.set(None if spec.latest else [])  # type: ignore[union-attr]
-            return
-        params = {
-            "tids": sorted({c.thread_id for c in cands}),
-            "channels": sorted({ch for c in cands for ch in c.channel_versions}),
-            "versions": sorted({v for c in cands for v in c.channel_versions.values()}),
-            "cids": sorted({c.checkpoint_id for c in cands}),
-        }
-        self._spawn(msg, 2, (cands, params))
+            return None
+        return cands
+
+    def _merge_checkpoints(self, msg: Read, backend: list[CheckpointRec]) -> None:
+        cands = self._candidates(msg, backend)
+        if cands is not None:
+            self._spawn(msg, 2, (cands, _values_params(cands), False))
 
     def _merge_values(
         self,
         msg: Read,
         cands: list[CheckpointRec],
-        values: tuple[dict[tuple[str, str, str, str], BlobRec], dict[tuple[str, str, str, str, int], WriteRec]],
+        values: tuple[dict[tuple[str, str, str, str], BlobRec], dict[tuple[str, str, str], dict[tuple[str, int], WriteRec]]],
+        fallback: bool = False,
     ) -> None:
         ov = self.state
         spec = msg.spec
-        ov.reads.pop(id(msg), None)
         b_blobs, b_writes = values
         bundles: list[Bundle] = []
         for c in cands:
@@ -451,10 +574,7 @@ class QueryCache(Actor):
                 b = o_blobs.get((ns, ch, ver)) or b_blobs.get((tid, ns, ch, ver))
                 if b is not None and not ov.row_covered(tid, b.written_at):
                     blobs[(ch, ver)] = b
-            writes: dict[tuple[str, int], WriteRec] = {}
-            for (wt, wns, wcid, task, idx), w in b_writes.items():
-                if wt == tid and wns == ns and wcid == c.checkpoint_id:
-                    writes[(task, idx)] = w
+            writes: dict[tuple[str, int], WriteRec] = dict(b_writes.get((tid, ns, c.checkpoint_id), {}))
             for (wns, wcid, task, idx), w in ov.writes.get(tid, {}).items():
                 if wns == ns and wcid == c.checkpoint_id:
                     old = writes.get((task, idx))
@@ -464,6 +584,12 @@ class QueryCache(Actor):
             bundle = Bundle(c, blobs, wl)
             if bundle.visible():
                 bundles.append(bundle)
+        if fallback and not bundles:
+            # a coalesced read saw only the backend's newest checkpoint, and it is
+            # not complete yet: read this thread on its own (older ones count)
+            self._spawn(msg, 1, None)
+            return
+        ov.reads.pop(id(msg), None)
         if spec.latest:
             best = bundles[0] if bundles else None
             if best is not None and spec.checkpoint_id is None:
@@ -490,6 +616,24 @@ class QueryCache(Actor):
             "hits": ov.hits,
             "misses": ov.misses,
         }
+
+
+def _values_params(cands: list[CheckpointRec]) -> dict[str, Any]:
+    return {
+        "tids": sorted({c.thread_id for c in cands}),
+        "channels": sorted({ch for c in cands for ch in c.channel_versions}),
+        "versions": sorted({v for c in cands for v in c.channel_versions.values()}),
+        "cids": sorted({c.checkpoint_id for c in cands}),
+    }
+
+
+def _indexed(values: tuple[dict[Any, BlobRec], dict[tuple[str, str, str, str, int], WriteRec]]) -> Any:
+    """Blobs as they are; writes grouped by checkpoint (built in the query task, not the loop)."""
+    blobs, writes = values
+    by_ck: dict[tuple[str, str, str], dict[tuple[str, int], WriteRec]] = {}
+    for (tid, ns, cid, task, idx), w in writes.items():
+        by_ck.setdefault((tid, ns, cid), {})[(task, idx)] = w
+    return blobs, by_ck
 
 
 def _header(row: dict[str, Any]) -> CheckpointRec:

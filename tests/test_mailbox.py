@@ -1,0 +1,158 @@
+"""The mailbox on both anyio backends: FIFO, the bound, all-or-nothing sends under
+cancellation, closing, and the room check the put fast path relies on."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from langgraph.checkpoint.kusto import EngineClosedError
+from langgraph.checkpoint.kusto.engine.mailbox import Mailbox
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_fifo_and_bound() -> None:
+    box = Mailbox("t", 3)
+    for i in range(3):
+        assert box.has_room()
+        box.send_nowait(i)
+    assert not box.has_room()
+    with pytest.raises(anyio.WouldBlock):
+        box.send_nowait(3)
+    assert [await box.receive() for _ in range(3)] == [0, 1, 2]
+    assert box.depth() == 0
+
+
+async def test_blocked_sender_resumes_when_the_reader_makes_room() -> None:
+    box = Mailbox("t", 1)
+    box.send_nowait("a")
+    done = anyio.Event()
+
+    async def sender() -> None:
+        await box.send("b")
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender)
+        await anyio.wait_all_tasks_blocked()
+        assert box.blocked_senders() == 1 and not done.is_set()
+        assert await box.receive() == "a"
+        await done.wait()
+    assert await box.receive() == "b"
+
+
+async def test_cancelled_send_is_all_or_nothing() -> None:
+    """Cancelled while blocked: the message is absent and the send raised. Cancelled in
+    the instant the reader made room: either that, or the send returned and it is there."""
+    for cancel_after_room in (False, True):
+        box = Mailbox("t", 1)
+        box.send_nowait("a")
+        outcome: list[str] = []
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def sender() -> None:
+                    try:
+                        await box.send("x")
+                        outcome.append("sent")
+                    except anyio.get_cancelled_exc_class():
+                        outcome.append("cancelled")
+                        raise
+
+                tg.start_soon(sender)
+                await anyio.wait_all_tasks_blocked()
+                if cancel_after_room:
+                    assert await box.receive() == "a"
+                scope.cancel()
+        queued = box.drain()
+        if outcome == ["sent"]:
+            assert queued[-1:] == ["x"]
+        else:
+            assert outcome == ["cancelled"] and "x" not in queued
+        assert box.blocked_senders() == 0
+
+
+async def test_room_given_to_a_cancelled_sender_is_not_lost() -> None:
+    """The reader wakes the first waiting sender, which is cancelled before it runs:
+    the room must pass on to the second one, which would otherwise wait forever."""
+    box = Mailbox("t", 1)
+    box.send_nowait("a")
+    first = anyio.CancelScope()
+    outcome: list[str] = []
+
+    async def first_sender() -> None:
+        with first:
+            await box.send("x")
+            outcome.append("x sent")
+
+    async def second_sender() -> None:
+        await box.send("y")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_sender)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(second_sender)
+            await anyio.wait_all_tasks_blocked()
+            assert box.blocked_senders() == 2
+            first.cancel()  # the first sender is cancelled, and before it runs...
+            assert await box.receive() == "a"  # ...the reader gives it the room
+            got = [await box.receive()]
+            if got == ["x"]:  # it had already taken the room: its send completed
+                got.append(await box.receive())
+    assert got[-1] == "y" and ("x" in got) == (outcome == ["x sent"])
+    assert box.depth() == 0 and box.blocked_senders() == 0
+
+
+async def test_close_drains_then_ends_and_refuses_sends() -> None:
+    box = Mailbox("t", 4)
+    box.send_nowait(1)
+    box.close()
+    with pytest.raises(EngineClosedError):
+        box.send_nowait(2)
+    assert not box.has_room()
+    assert await box.receive() == 1
+    with pytest.raises(anyio.EndOfStream):
+        await box.receive()
+
+
+async def test_close_receive_fails_blocked_senders() -> None:
+    box = Mailbox("t", 1)
+    box.send_nowait(1)
+    errors: list[BaseException] = []
+
+    async def sender() -> None:
+        try:
+            await box.send(2)
+        except EngineClosedError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sender)
+        await anyio.wait_all_tasks_blocked()
+        assert box.drain() == [1]
+        box.close_receive()
+    assert len(errors) == 1
+
+
+async def test_a_busy_reader_yields_to_other_tasks() -> None:
+    box = Mailbox("t", 1000)
+    for i in range(500):
+        box.send_nowait(i)
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        await anyio.sleep(0)
+        start = ticks
+        for _ in range(500):
+            await box.receive()
+        assert ticks - start >= 500 // Mailbox.YIELD_EVERY - 1
+        tg.cancel_scope.cancel()
