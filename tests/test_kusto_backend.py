@@ -2,9 +2,11 @@
 (tests/kusto_loopback.py), and against a live cluster when one is configured.
 
 Every loopback test starts its own endpoint and provisions it with provision.kql through
-``setup(create=True)``. The live-cluster tests run only when ``KUSTO_CLUSTER_URI`` and
-``KUSTO_DATABASE`` are set (authentication: DefaultAzureCredential; ``KUSTO_INGEST_MODE``
-picks the ingest mode, ``KUSTO_PROVISION=1`` runs provision.kql first).
+``setup(create=True)``. The live-cluster tests (conformance, a put/get round trip,
+a short load run) run only when ``KUSTO_CLUSTER_URI`` and ``KUSTO_DATABASE`` are set
+(authentication: DefaultAzureCredential; ``KUSTO_INGEST_MODE`` picks the ingest mode,
+``KUSTO_INGEST_URI`` the data management endpoint, ``KUSTO_PROVISION=1`` runs
+provision.kql first; ``KUSTO_LOAD_AGENTS`` / ``KUSTO_LOAD_STEPS`` size the load run).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import random
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -990,15 +993,19 @@ LIVE_URI = os.environ.get("KUSTO_CLUSTER_URI")
 LIVE_DB = os.environ.get("KUSTO_DATABASE")
 live = pytest.mark.skipif(
     not (LIVE_URI and LIVE_DB),
-    reason="live Kusto tests need KUSTO_CLUSTER_URI and KUSTO_DATABASE (DefaultAzureCredential signs in; "
-    "KUSTO_INGEST_MODE=streaming|managed|queued, KUSTO_PROVISION=1 runs provision.kql first)",
+    reason="live Kusto tests need KUSTO_CLUSTER_URI and KUSTO_DATABASE (DefaultAzureCredential signs in, e.g. "
+    "from AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET; KUSTO_INGEST_MODE=streaming|managed|queued|inline, "
+    "KUSTO_PROVISION=1 runs provision.kql first; see the README)",
 )
+
+
+LIVE_MODE = os.environ.get("KUSTO_INGEST_MODE", "streaming")
 
 
 def live_saver(**options: Any) -> AsyncKustoSaver:
     return AsyncKustoSaver.from_connection_string(
-        cluster_uri=LIVE_URI, database=LIVE_DB, ingest_mode=os.environ.get("KUSTO_INGEST_MODE", "streaming"),
-        **options)
+        cluster_uri=LIVE_URI, database=LIVE_DB, ingest_mode=LIVE_MODE,
+        ingest_uri=os.environ.get("KUSTO_INGEST_URI") or None, **options)
 
 
 async def _live_lifespan() -> AsyncIterator[None]:
@@ -1033,10 +1040,61 @@ async def test_live_put_get() -> None:
         await saver.flush()
     async with live_saver() as saver:
         tup = await saver.aget_tuple(config(tid))
-        if tup is None and os.environ.get("KUSTO_INGEST_MODE", "streaming") != "streaming":
+        if tup is None and LIVE_MODE != "streaming":
             pytest.skip("queued ingestion: rows not queryable yet")
         assert tup is not None and tup.config["configurable"]["checkpoint_id"] == ids[-1]
         assert tup.metadata["note"] == tid
         assert [t.config["configurable"]["checkpoint_id"] async for t in saver.alist(config(tid))] == ids[::-1]
         await saver.adelete_thread(tid)
         assert await saver.aget_tuple(config(tid)) is None
+
+
+@live
+@pytest.mark.anyio
+@asyncio_only
+async def test_live_short_load_run() -> None:
+    """A short load run on the cluster: KUSTO_LOAD_AGENTS (20) concurrent agents x
+    KUSTO_LOAD_STEPS (5) steps of put + put_writes + get_tuple, flushed, then every thread
+    read back by a fresh saver (polling until KUSTO_VISIBILITY_TIMEOUT for queued
+    ingestion), checked, and deleted. Prints the throughput (pytest -s shows it)."""
+    agents = int(os.environ.get("KUSTO_LOAD_AGENTS", "20"))
+    steps = int(os.environ.get("KUSTO_LOAD_STEPS", "5"))
+    patience = float(os.environ.get("KUSTO_VISIBILITY_TIMEOUT", "60" if LIVE_MODE in ("streaming", "inline") else "600"))
+    run = uuid.uuid4().hex[:12]
+    threads = [f"live-load {run} {i} 'q' | \"x\"" for i in range(agents)]
+    written: dict[str, list[str]] = {}
+    async with live_saver() as saver:
+
+        async def agent(tid: str) -> None:
+            written[tid] = await put_steps(saver, tid, steps, note=run)
+            assert (await saver.aget_tuple(config(tid))).config["configurable"]["checkpoint_id"] == written[tid][-1]  # type: ignore[union-attr]
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for tid in threads:
+                tg.start_soon(agent, tid)
+        accepted = time.perf_counter() - started
+        await saver.flush()
+        ingested = time.perf_counter() - started
+        stats = saver.engine.stats()
+    assert stats["batches_failed"] == 0, stats
+    print(f"\nlive load ({LIVE_MODE}): {agents * steps} checkpoints accepted in {accepted:.2f} s, "
+          f"ingested in {ingested:.2f} s ({agents * steps / ingested:.0f}/s), retries {stats['retries']}")
+    deadline = time.monotonic() + patience
+    missing = set(threads)
+    while missing:
+        async with live_saver() as saver:  # fresh: nothing cached, all from the cluster
+            for tid in sorted(missing):
+                listed = [t async for t in saver.alist(config(tid))]
+                if len(listed) < steps:
+                    continue
+                assert [t.config["configurable"]["checkpoint_id"] for t in listed] == written[tid][::-1]
+                assert all(len(t.pending_writes or []) == 1 and t.metadata["note"] == run for t in listed)
+                missing.discard(tid)
+        if missing:
+            assert time.monotonic() < deadline, f"{len(missing)} threads not visible after {patience:.0f} s"
+            await anyio.sleep(5)
+    async with live_saver() as saver:
+        for tid in threads:
+            await saver.adelete_thread(tid)
+        assert await saver.aget_tuple(config(threads[0])) is None
