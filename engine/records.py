@@ -277,9 +277,11 @@ class Bundle:
     writes: list[WriteRec] = field(default_factory=list)
 
     def visible(self) -> bool:
-        """All blobs written with the checkpoint are complete."""
+        """All blobs written with the checkpoint are there and complete, and so is every
+        older blob it refers to that the read found: a value with a missing chunk (one
+        still being ingested) keeps the checkpoint invisible rather than half-read."""
         for ch, ver in self.checkpoint.new_versions.items():
             b = self.blobs.get((ch, ver))
             if b is None or not b.complete:
                 return False
-        return True
+        return all(b.complete for b in self.blobs.values())

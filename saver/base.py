@@ -293,7 +293,9 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
 
         ``credential``: an azure-identity TokenCredential (default DefaultAzureCredential),
         a KustoConnectionStringBuilder or a connection string; an ``http://`` cluster URI
-        (a local endpoint) connects without authentication. See :class:`KustoBackend`.
+        (a local endpoint) connects without authentication. ``ingest_mode``: "streaming"
+        (default), "managed", "queued" or "inline" (the Kusto emulator). Other keywords
+        are engine options (:class:`EngineConfig`). See :class:`KustoBackend`.
         """
         from .engine.backends.kusto import KustoBackend
 
@@ -301,7 +303,8 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             cluster_uri, database, credential=credential, ingest_mode=ingest_mode,
             query_timeout=query_timeout, ingest_uri=ingest_uri,
         )
-        if ingest_mode != "streaming":
-            # queued rows become queryable only when their batch seals (provision.kql: 30 s)
+        if ingest_mode in ("managed", "queued"):
+            # queued rows become queryable only when their batch seals (provision.kql: 30 s);
+            # the managed client queues a batch when streaming it keeps failing
             engine_options.setdefault("visibility_delay", 120.0)
         return cls(backend, serde=serde, **engine_options)

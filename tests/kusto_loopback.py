@@ -52,6 +52,8 @@ Supported
           starting with '.' (answers Completed/Failed/Skipped per command, like Kusto)
       .clear cache streaming ingestion schema         (no-op)
       .get ingestion resources                        (refused: no queued ingestion)
+      .ingest inline into table T [with (format=json|multijson|singlejson,
+          ingestionMappingReference=m)] <| data     (mapped like streaming ingestion)
 
   Anything else: HTTP 400 with Kusto's error body (the SDK raises ``KustoApiError``).
 * ``POST /v1/rest/ingest/{db}/{table}?streamFormat=json|multijson|singlejson[&mappingName=m]``
@@ -61,8 +63,13 @@ Supported
   ``$['a']``, ``$.a[0]``, ``$``; ``ConstValue``; ``DateTimeFromUnix*`` transforms) or, with
   no mapping name, by column name. A missing table or mapping is a permanent 400.
   ``require_streaming_policy=True`` also refuses tables whose streaming ingestion policy
-  (table, else database) is not enabled, as Kusto does.
-* Fault injection (``server.faults``: ``fail_next``, ``delay_next``, ``drop_next``), request
+  (table, else database) is not enabled, as Kusto does. A request carrying more than 4 MB
+  of data (``max_streaming_bytes``, counted uncompressed) is refused with a permanent 400.
+* Kusto's value-size rules, on every ingestion path: a string cell longer than 1 MB
+  (``max_value_bytes``, UTF-8) is silently cut to 1 MB, a dynamic cell over 1 MB is
+  silently stored as null.
+* Fault injection (``server.faults``: ``fail_next``, ``delay_next``, ``drop_next``; with
+  ``after=True`` the request is carried out first, so a retry stores its rows twice), request
   counters per route (``server.counts``) and a log of every request (``server.requests``,
   with the body and the ``Parameters`` exactly as the client sent them).
 
@@ -109,6 +116,12 @@ __all__ = ["LoopbackKusto", "Faults", "LoggedRequest", "KustoRequestError", "dec
            "encode_parameter"]
 
 ROUTES = ("query", "mgmt", "ingest", "other")
+
+#: Kusto's default MaxValueSize (encoding policy): a longer string cell is cut to this
+#: many UTF-8 bytes at ingestion, a larger dynamic cell is stored as null
+MAX_VALUE_BYTES = 1024 * 1024
+#: the most data one streaming ingestion request may carry
+MAX_STREAMING_BYTES = 4 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -194,6 +207,9 @@ class _Rule:
     status: int = 503
     body: Any = None
     seconds: float = 0.0
+    #: fail/drop only after the request was carried out (its rows are stored): the
+    #: client sees an error for work that happened, retries, and stores it twice
+    after: bool = False
 
 
 class Faults:
@@ -211,18 +227,20 @@ class Faults:
         self.injected: collections.Counter[str] = collections.Counter()
 
     def fail_next(self, n: int = 1, status: int = 503, route: str | None = None, *,
-                  body: dict[str, Any] | str | None = None) -> None:
+                  body: dict[str, Any] | str | None = None, after: bool = False) -> None:
         """Answer the next *n* matching requests with *status* and a Kusto error body
-        (``@permanent: false``), or *body* as given (a dict is JSON, a str is text/plain)."""
-        self._add(_Rule("fail", n, _check_route(route), status=status, body=body))
+        (``@permanent: false``), or *body* as given (a dict is JSON, a str is text/plain).
+        ``after=True``: carry the request out first, then answer with the error."""
+        self._add(_Rule("fail", n, _check_route(route), status=status, body=body, after=after))
 
     def delay_next(self, n: int = 1, seconds: float = 1.0, route: str | None = None) -> None:
         """Hold the next *n* matching requests *seconds* before answering them normally."""
         self._add(_Rule("delay", n, _check_route(route), seconds=seconds))
 
-    def drop_next(self, n: int = 1, route: str | None = None) -> None:
-        """Read the next *n* matching requests, then close the connection without answering."""
-        self._add(_Rule("drop", n, _check_route(route)))
+    def drop_next(self, n: int = 1, route: str | None = None, *, after: bool = False) -> None:
+        """Read the next *n* matching requests, then close the connection without answering
+        (``after=True``: carry the request out first, then close the connection)."""
+        self._add(_Rule("drop", n, _check_route(route), after=after))
 
     def clear(self) -> None:
         with self._lock:
@@ -870,6 +888,8 @@ class _Handler(BaseHTTPRequestHandler):
             entry.delayed = delay.seconds
             if owner._stopping.wait(delay.seconds):
                 outcome = _Rule("drop", 1, None)  # shutting down: do not answer
+        if outcome is not None and outcome.after:
+            self._carry_out(route, path, url, raw, entry)
         if outcome is not None and outcome.kind == "drop":
             entry.fault = "drop"
             self.close_connection = True
@@ -889,29 +909,34 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(outcome.status, outcome.body or error_body(
                     message, code=code, kind=kind, permanent=False))
             return
+        status, payload = self._carry_out(route, path, url, raw, entry)
+        entry.status = status
+        self._send(status, payload)
+
+    def _carry_out(self, route: str, path: str, url: Any, raw: bytes, entry: LoggedRequest
+                   ) -> tuple[int, Any]:
+        """Run the request; a refusal or a loopback bug becomes Kusto's error answer."""
+        owner = self.owner
         try:
             if route == "ingest":
-                status, payload = owner._ingest(url, self.headers, raw, entry)
-            elif route in ("query", "mgmt"):
+                return owner._ingest(url, self.headers, raw, entry)
+            if route in ("query", "mgmt"):
                 request = entry.body
                 if not isinstance(request, dict):
                     raise KustoRequestError("request body must be a JSON object")
                 request_id = self.headers.get("x-ms-client-request-id", str(uuid.uuid4()))
                 v2 = path.startswith("/v2/")
-                status, payload = owner._execute(route, v2, request, request_id)
-            else:
-                raise KustoRequestError(f"no route for POST {url.path}", status=404,
-                                        code="General_NotFound")
+                return owner._execute(route, v2, request, request_id)
+            raise KustoRequestError(f"no route for POST {url.path}", status=404,
+                                    code="General_NotFound")
         except KustoRequestError as exc:
-            status, payload = exc.status, exc.body()
+            return exc.status, exc.body()
         except Exception as exc:  # noqa: BLE001 - a loopback bug: answer, and keep it for the test
             owner.errors.append(exc)
-            status, payload = 500, error_body(f"loopback internal error: {exc!r}",
-                                              code="InternalServiceError",
-                                              kind="Kusto.Data.Exceptions.KustoServiceException",
-                                              permanent=True)
-        entry.status = status
-        self._send(status, payload)
+            return 500, error_body(f"loopback internal error: {exc!r}",
+                                   code="InternalServiceError",
+                                   kind="Kusto.Data.Exceptions.KustoServiceException",
+                                   permanent=True)
 
 
 # ---------------------------------------------------------------------------
@@ -930,10 +955,14 @@ class LoopbackKusto:
     """
 
     def __init__(self, database: str = "testdb", *, strict_parameters: bool = True,
-                 require_streaming_policy: bool = False, quiet: bool = True) -> None:
+                 require_streaming_policy: bool = False, quiet: bool = True,
+                 max_value_bytes: int = MAX_VALUE_BYTES,
+                 max_streaming_bytes: int = MAX_STREAMING_BYTES) -> None:
         if not re.fullmatch(r"[A-Za-z_][\w-]*", database):
             raise ValueError(f"unsupported database name {database!r}")
         self.database = database
+        self.max_value_bytes = max_value_bytes
+        self.max_streaming_bytes = max_streaming_bytes
         self.strict_parameters = strict_parameters
         self.require_streaming_policy = require_streaming_policy
         self.quiet = quiet
@@ -1513,8 +1542,21 @@ class LoopbackKusto:
                                     f"({encoding or 'identity'}): {exc}",
                                     code="BadRequest_InvalidData") from None
         entry.body = data
-        docs = _json_documents(text, fmt)
-        mapping_name = query.get("mappingname")
+        if len(data) > self.max_streaming_bytes:
+            raise KustoRequestError(
+                f"Stream ingestion failed: the request carries {len(data)} bytes of data, over "
+                f"the streaming ingestion limit of {self.max_streaming_bytes} bytes; use queued "
+                "ingestion for larger data", code="BadRequest_StreamingIngestionDataTooLarge")
+        count = self._store(table, columns, _json_documents(text, fmt), query.get("mappingname"))
+        return 200, _v1([("ConsumedRecordsCount", "long"), ("UpdatePolicyStatus", "string"),
+                         ("UpdatePolicyFailureCode", "string"),
+                         ("UpdatePolicyFailureReason", "string")],
+                        [[count, "Inactive", "Unknown", None]])
+
+    def _store(self, table: str, columns: dict[str, str], docs: list[dict[str, Any]],
+               mapping_name: str | None) -> int:
+        """Map JSON documents to rows of *table* and append them (Kusto's value-size rules
+        applied); returns the number of rows."""
         if mapping_name:
             found = self.mappings.get((table, mapping_name))
             if found is None:
@@ -1527,7 +1569,8 @@ class LoopbackKusto:
         else:
             mapping = [ColumnMapping(c, f"$[{json.dumps(c)}]", None, None) for c in columns]
         names = [e.column for e in mapping]
-        rows = [[self._mapped(doc, e, columns[e.column]) for e in mapping] for doc in docs]
+        rows = [[self._limited(self._mapped(doc, e, columns[e.column]), columns[e.column])
+                 for e in mapping] for doc in docs]
         if rows:
             slots = "(" + ", ".join("CAST(? AS JSON)" if columns[n] == "dynamic" else "?"
                                     for n in names) + ")"
@@ -1538,10 +1581,32 @@ class LoopbackKusto:
                     chunk = rows[start:start + 200]
                     self.con.execute(insert + ", ".join([slots] * len(chunk)),
                                      [v for row in chunk for v in row])
-        return 200, _v1([("ConsumedRecordsCount", "long"), ("UpdatePolicyStatus", "string"),
-                         ("UpdatePolicyFailureCode", "string"),
-                         ("UpdatePolicyFailureReason", "string")],
-                        [[len(rows), "Inactive", "Unknown", None]])
+        return len(rows)
+
+    def _limited(self, value: Any, kind: str) -> Any:
+        """What Kusto stores for a cell: a string over the value-size limit is cut to it
+        (at a character boundary), a dynamic value over it becomes null; both silently."""
+        if kind not in ("string", "dynamic") or not isinstance(value, str):
+            return value
+        data = value.encode("utf-8")
+        if len(data) <= self.max_value_bytes:
+            return value
+        if kind == "dynamic":
+            return None
+        return data[:self.max_value_bytes].decode("utf-8", "ignore")
+
+    # -- .ingest inline --------------------------------------------------------------
+
+    def _cmd_ingest_inline(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        table = _unname(m.group("table"))
+        columns = self._require_table(table)
+        props = _with_props(m.group("with"))
+        fmt = props.get("format", "csv").lower()
+        if fmt not in ("json", "multijson", "singlejson"):
+            raise KustoRequestError(f"The loopback ingests json/multijson/singlejson inline, not '{fmt}'")
+        mapping = props.get("ingestionmappingreference")
+        self._store(table, columns, _json_documents(m.group("data").lstrip("\r\n"), fmt), mapping)
+        return _v1([("ExtentId", "guid")], [[str(uuid.uuid4())]])
 
     @staticmethod
     def _mapped(doc: dict[str, Any], entry: ColumnMapping, kind: str) -> Any:
@@ -1625,6 +1690,8 @@ _COMMANDS: list[tuple[re.Pattern[str], Any]] = [
          r"records(?:WITH)?\s*<\|(?P<predicate>.+)$"),
      LoopbackKusto._cmd_delete_records),
     (_rx(r"\.get\s+ingestion\s+resources$"), LoopbackKusto._cmd_ingestion_resources),
+    (_rx(r"\.ingest\s+inline\s+into\s+table\s+(?P<table>NAME)(?:WITH)?\s*<\|(?P<data>.*)$"),
+     LoopbackKusto._cmd_ingest_inline),
     (_rx(r"\.clear\s+cache\s+streaming\s+ingestion\s+schema$"),
      lambda self, m, p: _v1([("NodeId", "string"), ("Status", "string")], [])),
     (_rx(r"\.execute\s+database\s+script(?:WITH)?\s*<\|(?P<script>.+)$"),

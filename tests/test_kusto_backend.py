@@ -2,17 +2,22 @@
 (tests/kusto_loopback.py), and against a live cluster when one is configured.
 
 Every loopback test starts its own endpoint and provisions it with provision.kql through
-``setup(create=True)``. The live-cluster tests run only when ``KUSTO_CLUSTER_URI`` and
-``KUSTO_DATABASE`` are set (authentication: DefaultAzureCredential; ``KUSTO_INGEST_MODE``
-picks the ingest mode, ``KUSTO_PROVISION=1`` runs provision.kql first).
+``setup(create=True)``. The live-cluster tests (conformance, a put/get round trip,
+a short load run) run only when ``KUSTO_CLUSTER_URI`` and ``KUSTO_DATABASE`` are set
+(authentication: DefaultAzureCredential; ``KUSTO_INGEST_MODE`` picks the ingest mode,
+``KUSTO_INGEST_URI`` the data management endpoint, ``KUSTO_PROVISION=1`` runs
+provision.kql first; ``KUSTO_LOAD_AGENTS`` / ``KUSTO_LOAD_STEPS`` size the load run).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
+import random
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +46,7 @@ from langgraph.checkpoint.kusto.engine.backends.kusto import (  # noqa: E402
     check_mapping,
     declared_parameters,
     encode_parameter,
+    latest_view_deletion,
     provision_commands,
     row_to_json,
     split_payloads,
@@ -285,12 +291,20 @@ def test_configuration_is_validated() -> None:
         KustoBackend("https://c.kusto.windows.net", "db", credential=42)
     with pytest.raises(ConfigError, match="query_timeout"):
         KustoBackend("https://c.kusto.windows.net", "db", query_timeout=0)
+    for bad in ("db']; .drop table Checkpoints", 'd"b', "a|b", "x\ny"):
+        with pytest.raises(ConfigError, match="database must be a Kusto database name"):
+            KustoBackend("https://c.kusto.windows.net", bad, credential=_FakeCredential())
+    assert KustoBackend("https://c.kusto.windows.net", "my db-2.v1_é", credential=_FakeCredential()).database
     with pytest.raises(ConfigError, match="unknown engine option"):
         AsyncKustoSaver.from_connection_string("https://c.kusto.windows.net", "db", credential=_FakeCredential(),
                                                batch_sise=3)
     queued = AsyncKustoSaver.from_connection_string("https://c.kusto.windows.net", "db", credential=_FakeCredential(),
                                                     ingest_mode="queued")
     assert queued.options.visibility_delay > 0  # queued rows show up late: the overlay keeps them
+    for mode, delay in (("streaming", 0), ("inline", 0), ("managed", 120)):
+        saver = AsyncKustoSaver.from_connection_string("https://c.kusto.windows.net", "db",
+                                                       credential=_FakeCredential(), ingest_mode=mode)
+        assert saver.options.visibility_delay == delay, mode
 
 
 class _FakeCredential:
@@ -702,21 +716,296 @@ async def test_sync_saver_through_the_loopback() -> None:
         await anyio.to_thread.run_sync(run)
 
 
+# --------------------------------------------------------------------------- large values
+
+MB = 1024 * 1024
+
+
+async def put_values(saver: AsyncKustoSaver, thread_id: str, values: dict[str, Any],
+                     parent: dict[str, Any] | None = None,
+                     versions: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Put one checkpoint whose channels ``values`` are new; the channels in ``versions``
+    keep the version they had (their values come from earlier checkpoints)."""
+    c = empty_checkpoint()
+    c["id"] = str(uuid6(clock_seq=-1))
+    all_versions = dict(versions or {})
+    new_versions = {ch: saver.get_next_version(all_versions.get(ch), None) for ch in values}
+    all_versions.update(new_versions)
+    c["channel_values"] = dict(values)
+    c["channel_versions"] = all_versions
+    out = await saver.aput(parent or config(thread_id), c, {"source": "loop", "step": len(all_versions)}, new_versions)
+    return out, all_versions
+
+
+def ingest_sizes(srv: LoopbackKusto) -> list[int]:
+    """Data bytes (uncompressed) of every streaming ingestion request the loopback received."""
+    return [len(r.body) for r in srv.requests if r.route == "ingest"]
+
+
+@pytest.mark.anyio
+async def test_a_5_mb_value_and_a_20_mb_checkpoint_round_trip_byte_for_byte() -> None:
+    rng = random.Random(20240506)
+    five = rng.randbytes(5 * MB)
+    state = {  # one checkpoint of 20 MB: bytes, non-ASCII text, a long message list
+        "blob": rng.randbytes(8 * MB),
+        "text": "".join(rng.choices("aé中🙂\n\"\\|;", k=4 * MB)),  # ~7 MB of UTF-8
+        "history": [{"role": "user", "content": f"message {i} " + "x" * 3000} for i in range(2000)],
+    }
+    tid = "big 'thread' | \"values\""
+    async with loopback() as srv:
+        async with saver_for(srv) as saver:
+            first, versions = await put_values(saver, tid, {"five": five})
+            second, _ = await put_values(saver, tid, state, first, versions)
+            await saver.flush()
+            # read-your-writes from the overlay, before any backend read
+            assert (await saver.aget_tuple(second)).checkpoint["channel_values"]["blob"] == state["blob"]  # type: ignore[union-attr]
+        sizes = ingest_sizes(srv)
+        assert max(sizes) <= 4 * MB, max(sizes)  # no streaming request over Kusto's 4 MB
+        assert sum(sizes) > 25 * MB and len(sizes) >= 7  # ~36 MB of base64 went in several requests
+        assert all(r.status == 200 for r in srv.requests if r.route == "ingest")
+        blobs = srv.rows("CheckpointBlobs")
+        assert max(len(r["payload"]) for r in blobs) <= 1_000_000  # under Kusto's 1 MB cell limit
+        serialized = {ch: len(saver.serde.dumps_typed(v)[1]) for ch, v in {"five": five, **state}.items()}
+        assert serialized["five"] >= 5 * MB and sum(serialized[ch] for ch in state) >= 20 * MB
+        chunks = {r["channel"]: r["chunks"] for r in blobs}
+        assert chunks == {ch: -(-((n + 2) // 3 * 4) // 1_000_000) for ch, n in serialized.items()}
+        assert sorted((r["channel"], r["chunk"]) for r in blobs) == sorted(
+            (ch, i) for ch, n in chunks.items() for i in range(n))
+        # a fresh saver has nothing cached: all of it comes back through the SDK
+        async with saver_for(srv) as saver:
+            latest = await saver.aget_tuple(config(tid))
+            assert latest is not None and latest.config == second
+            values = latest.checkpoint["channel_values"]
+            assert values["five"] == five and values["blob"] == state["blob"]
+            assert values["text"] == state["text"] and values["history"] == state["history"]
+            older = await saver.aget_tuple(first)
+            assert older is not None and older.checkpoint["channel_values"] == {"five": five}
+            listed = [t.config async for t in saver.alist(config(tid))]
+            assert listed == [second, first]
+
+
+@pytest.mark.anyio
+async def test_a_value_with_a_missing_chunk_is_not_visible_until_it_arrives() -> None:
+    from azure.kusto.data.data_format import DataFormat
+    from azure.kusto.ingest import IngestionProperties, KustoStreamingIngestClient
+
+    big = random.Random(3).randbytes(3 * MB)  # 4 MB of base64: 5 chunks
+    tid = "chunky"
+    async with loopback() as srv:
+        async with saver_for(srv) as saver:
+            cp0, versions = await put_values(saver, tid, {"small": "v0"})
+            cp1, versions = await put_values(saver, tid, {"big": big}, cp0, versions)
+            cp2, _ = await put_values(saver, tid, {"small": "v2"}, cp1, versions)  # refers to big
+            await saver.flush()
+        [missing] = [r for r in srv.rows("CheckpointBlobs") if r["channel"] == "big" and r["chunk"] == 3]
+        assert missing["chunks"] == 5
+        srv.sql('DELETE FROM "CheckpointBlobs" WHERE channel = ? AND chunk = 3', ["big"])
+
+        async with saver_for(srv) as saver:
+            # cp1 wrote big and cp2 refers to it: neither is visible, never half-read
+            latest = await saver.aget_tuple(config(tid))
+            assert latest is not None and latest.config == cp0
+            assert latest.checkpoint["channel_values"] == {"small": "v0"}
+            assert await saver.aget_tuple(cp2) is None and await saver.aget_tuple(cp1) is None
+            assert [t.config async for t in saver.alist(config(tid))] == [cp0]
+
+        # the chunk arrives (say, a slow ingestion request): the checkpoints become visible
+        line = row_to_json(schema.BLOBS, {**missing, "written_at": missing["written_at"].replace(tzinfo=UTC)})
+        props = IngestionProperties(DB, schema.BLOBS.name, data_format=DataFormat.MULTIJSON,
+                                    ingestion_mapping_reference=schema.mapping_name(schema.BLOBS.name))
+        with KustoStreamingIngestClient(srv.kcsb()) as ingest:
+            await anyio.to_thread.run_sync(ingest.ingest_from_stream, io.BytesIO(line), props)
+        async with saver_for(srv) as saver:
+            latest = await saver.aget_tuple(config(tid))
+            assert latest is not None and latest.config == cp2
+            assert latest.checkpoint["channel_values"] == {"small": "v2", "big": big}
+            assert [t.config async for t in saver.alist(config(tid))] == [cp2, cp1, cp0]
+
+
+@pytest.mark.anyio
+async def test_duplicates_from_retried_requests_are_absorbed_by_reads() -> None:
+    """Requests that landed but answered with an error (or a dropped connection) are retried:
+    Kusto stores those rows twice, and reads still show every checkpoint and write once."""
+    async with loopback() as srv:
+        threads = [f"dup-{i}" for i in range(6)]
+        written: dict[str, list[str]] = {}
+        srv.faults.fail_next(3, status=503, route="ingest", after=True)
+        srv.faults.drop_next(2, route="ingest", after=True)
+        async with saver_for(srv, max_retries=8, batch_size=5) as saver:
+            for tid in threads:
+                written[tid] = await put_steps(saver, tid, 3, note=tid)
+            await saver.flush()
+            assert saver.engine.stats()["batches_failed"] == 0
+        assert srv.faults.pending == 0
+        stored = srv.rows("Checkpoints")
+        keys = [(r["thread_id"], r["checkpoint_id"]) for r in stored]
+        assert len(keys) > len(set(keys)) == 18  # duplicates landed
+        async with saver_for(srv) as saver:
+            for tid in threads:
+                listed = [t async for t in saver.alist(config(tid))]
+                assert [t.config["configurable"]["checkpoint_id"] for t in listed] == written[tid][::-1]
+                for step, t in enumerate(reversed(listed)):
+                    assert t.pending_writes == [(f"task {tid} {step}", "messages", f"pending {step} {tid}")]
+                    assert t.checkpoint["channel_values"]["messages"] == [f"message {i}" for i in range(step + 1)]
+
+
+# --------------------------------------------------------------------------- inline ingestion (the emulator's way)
+
+
+@pytest.mark.anyio
+async def test_inline_ingestion_mode_round_trips_tricky_values() -> None:
+    async with loopback() as srv:
+        written: dict[str, list[str]] = {}
+        async with saver_for(srv, ingest_mode="inline") as saver:
+            assert (await saver.asetup()).ok  # no streaming policy needed
+            for tid in TRICKY:
+                written[tid] = await put_steps(saver, tid, 2, note=tid)
+            await saver.flush()
+        assert srv.counts["ingest"] == 0  # no streaming endpoint used
+        inline = [r for r in srv.requests if r.csl and r.csl.startswith(".ingest inline")]
+        assert {r.csl.split()[4] for r in inline} == {"Checkpoints", "CheckpointBlobs", "CheckpointWrites"}
+        async with saver_for(srv, ingest_mode="inline") as saver:
+            for tid in TRICKY:
+                listed = [t async for t in saver.alist(config(tid))]
+                assert [t.config["configurable"]["checkpoint_id"] for t in listed] == written[tid][::-1]
+                assert listed[0].metadata["note"] == tid.replace("\x00", "")
+                assert listed[0].pending_writes == [(f"task {tid} 1", "messages", f"pending 1 {tid}")]
+
+
+# --------------------------------------------------------------------------- the materialized view and compaction
+
+
+def test_latest_view_deletion_mirrors_the_checkpoints_deletion() -> None:
+    from langgraph.checkpoint.kusto.engine import kql
+    from langgraph.checkpoint.kusto.engine.records import TombstoneRec
+
+    tombs = [TombstoneRec(schema.SCOPE_THREAD, thread_id="t'; .drop", deleted_at=5),
+             TombstoneRec(schema.SCOPE_RUN, run_id="r", deleted_at=6)]
+    text, params = kql.compaction_command(schema.CHECKPOINTS.name, tombs)
+    view = latest_view_deletion(text)
+    assert view is not None
+    head, _, predicate = text.partition("\n")
+    view_head, _, view_predicate = view.partition("\n")
+    assert view_head == head.replace(".delete table Checkpoints", ".delete materialized-view LatestCheckpoints")
+    assert view_predicate == predicate.replace("Checkpoints |", "LatestCheckpoints |", 1)
+    assert declared_parameters(view) == declared_parameters(text) and set(params) == {"t0", "d0", "r1"}
+    for table in (schema.WRITES.name, schema.BLOBS.name):
+        assert latest_view_deletion(kql.compaction_command(table, tombs)[0]) is None
+    assert latest_view_deletion(".show tables") is None
+    if kql_checker.node_available():
+        result = kql_checker.check_kql([("view", view)])
+        assert not kql_checker.errors(result["view"]), result["view"]
+
+
+@pytest.mark.anyio
+async def test_compaction_also_deletes_from_the_latest_view() -> None:
+    async with loopback() as srv:
+        async with saver_for(srv) as saver:
+            await put_steps(saver, "gone", 2)
+            await put_steps(saver, "kept", 2)
+            await saver.adelete_thread("gone")
+            await saver.flush()
+            assert await saver.engine.compact() == 1
+        sent = [r for r in srv.requests if r.csl and r.csl.startswith(".delete ")]
+        [source] = [r for r in sent if r.csl.startswith(".delete table Checkpoints ")]
+        [view] = [r for r in sent if r.csl.startswith(".delete materialized-view")]
+        assert sent.index(view) == sent.index(source) + 1  # right after the source table
+        assert view.csl == latest_view_deletion(source.csl)
+        assert view.parameters == source.parameters and "gone" not in view.csl
+        assert {r["thread_id"] for r in srv.rows("Checkpoints")} == {"kept"}
+        # without the view (not provisioned, or dropped) compaction does not try it
+        mgmt(srv, ".drop materialized-view LatestCheckpoints")
+        async with saver_for(srv) as saver:
+            await saver.adelete_thread("kept")
+            await saver.flush()
+            assert await saver.engine.compact() == 1
+        views = [r for r in srv.requests if r.csl and r.csl.startswith(".delete materialized-view")]
+        assert len(views) == 1 and srv.rows("Checkpoints") == []
+
+
+# --------------------------------------------------------------------------- LangGraph graphs on the loopback
+
+
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("durability", ["sync", "async"])
+async def test_graph_with_an_interrupt_runs_and_resumes_through_kusto(durability: str) -> None:
+    """A compiled StateGraph that interrupts, on AsyncKustoSaver through the real SDK; a
+    second saver (nothing cached: a restarted process) resumes it."""
+    from langgraph.types import Command
+    from test_graphs import (
+        APPROVAL_INPUT,
+        approval_done,
+        assert_chain,
+        assert_done,
+        assert_interrupted,
+        assert_waiting,
+        build_approval,
+    )
+
+    threads = [f"approval {i} 'q' | {durability}" for i in range(3)]
+    async with loopback() as srv:
+        async with saver_for(srv) as saver:
+            graph = build_approval(saver)
+            for tid in threads:
+                cfg = {"configurable": {"thread_id": tid}}
+                assert_interrupted(await graph.ainvoke(APPROVAL_INPUT, cfg, durability=durability))
+                assert_waiting(await graph.aget_state(cfg))
+        async with saver_for(srv) as saver:
+            graph = build_approval(saver)
+            for i, tid in enumerate(threads):
+                cfg = {"configurable": {"thread_id": tid}}
+                assert_waiting(await graph.aget_state(cfg))
+                resumed = await graph.ainvoke(Command(resume=f"yes {i}"), cfg, durability=durability)
+                assert resumed == approval_done(f"yes {i}")
+                assert_done(await graph.aget_state(cfg), f"yes {i}")
+                assert_chain([s async for s in graph.aget_state_history(cfg)], tid)
+        assert srv.counts["ingest"] > 0 and srv.counts["query"] > 0
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_sync_graph_with_a_subgraph_interrupt_through_kusto() -> None:
+    from langgraph.types import Command
+    from test_graphs import PARENT_DONE, assert_parent_waiting_in_subgraph, build_parent_with_subgraph
+
+    async with loopback() as srv:
+
+        def run() -> None:
+            cfg = {"configurable": {"thread_id": "sub 'graph'"}}
+            with KustoSaver.from_connection_string(srv.uri, DB, **FAST) as saver:
+                graph = build_parent_with_subgraph(saver)
+                result = graph.invoke({"log": ["start"]}, cfg)
+                assert [it.value for it in result["__interrupt__"]] == ["color?"]
+            with KustoSaver.from_connection_string(srv.uri, DB, **FAST) as saver:
+                graph = build_parent_with_subgraph(saver)
+                assert_parent_waiting_in_subgraph(graph.get_state(cfg, subgraphs=True))
+                assert graph.invoke(Command(resume="blue"), cfg) == PARENT_DONE
+                final = graph.get_state(cfg, subgraphs=True)
+                assert final.next == () and final.values == PARENT_DONE
+
+        await anyio.to_thread.run_sync(run)
+
+
 # --------------------------------------------------------------------------- live cluster
 
 LIVE_URI = os.environ.get("KUSTO_CLUSTER_URI")
 LIVE_DB = os.environ.get("KUSTO_DATABASE")
 live = pytest.mark.skipif(
     not (LIVE_URI and LIVE_DB),
-    reason="live Kusto tests need KUSTO_CLUSTER_URI and KUSTO_DATABASE (DefaultAzureCredential signs in; "
-    "KUSTO_INGEST_MODE=streaming|managed|queued, KUSTO_PROVISION=1 runs provision.kql first)",
+    reason="live Kusto tests need KUSTO_CLUSTER_URI and KUSTO_DATABASE (DefaultAzureCredential signs in, e.g. "
+    "from AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET; KUSTO_INGEST_MODE=streaming|managed|queued|inline, "
+    "KUSTO_PROVISION=1 runs provision.kql first; see the README)",
 )
+
+
+LIVE_MODE = os.environ.get("KUSTO_INGEST_MODE", "streaming")
 
 
 def live_saver(**options: Any) -> AsyncKustoSaver:
     return AsyncKustoSaver.from_connection_string(
-        cluster_uri=LIVE_URI, database=LIVE_DB, ingest_mode=os.environ.get("KUSTO_INGEST_MODE", "streaming"),
-        **options)
+        cluster_uri=LIVE_URI, database=LIVE_DB, ingest_mode=LIVE_MODE,
+        ingest_uri=os.environ.get("KUSTO_INGEST_URI") or None, **options)
 
 
 async def _live_lifespan() -> AsyncIterator[None]:
@@ -751,10 +1040,61 @@ async def test_live_put_get() -> None:
         await saver.flush()
     async with live_saver() as saver:
         tup = await saver.aget_tuple(config(tid))
-        if tup is None and os.environ.get("KUSTO_INGEST_MODE", "streaming") != "streaming":
+        if tup is None and LIVE_MODE != "streaming":
             pytest.skip("queued ingestion: rows not queryable yet")
         assert tup is not None and tup.config["configurable"]["checkpoint_id"] == ids[-1]
         assert tup.metadata["note"] == tid
         assert [t.config["configurable"]["checkpoint_id"] async for t in saver.alist(config(tid))] == ids[::-1]
         await saver.adelete_thread(tid)
         assert await saver.aget_tuple(config(tid)) is None
+
+
+@live
+@pytest.mark.anyio
+@asyncio_only
+async def test_live_short_load_run() -> None:
+    """A short load run on the cluster: KUSTO_LOAD_AGENTS (20) concurrent agents x
+    KUSTO_LOAD_STEPS (5) steps of put + put_writes + get_tuple, flushed, then every thread
+    read back by a fresh saver (polling until KUSTO_VISIBILITY_TIMEOUT for queued
+    ingestion), checked, and deleted. Prints the throughput (pytest -s shows it)."""
+    agents = int(os.environ.get("KUSTO_LOAD_AGENTS", "20"))
+    steps = int(os.environ.get("KUSTO_LOAD_STEPS", "5"))
+    patience = float(os.environ.get("KUSTO_VISIBILITY_TIMEOUT", "60" if LIVE_MODE in ("streaming", "inline") else "600"))
+    run = uuid.uuid4().hex[:12]
+    threads = [f"live-load {run} {i} 'q' | \"x\"" for i in range(agents)]
+    written: dict[str, list[str]] = {}
+    async with live_saver() as saver:
+
+        async def agent(tid: str) -> None:
+            written[tid] = await put_steps(saver, tid, steps, note=run)
+            assert (await saver.aget_tuple(config(tid))).config["configurable"]["checkpoint_id"] == written[tid][-1]  # type: ignore[union-attr]
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for tid in threads:
+                tg.start_soon(agent, tid)
+        accepted = time.perf_counter() - started
+        await saver.flush()
+        ingested = time.perf_counter() - started
+        stats = saver.engine.stats()
+    assert stats["batches_failed"] == 0, stats
+    print(f"\nlive load ({LIVE_MODE}): {agents * steps} checkpoints accepted in {accepted:.2f} s, "
+          f"ingested in {ingested:.2f} s ({agents * steps / ingested:.0f}/s), retries {stats['retries']}")
+    deadline = time.monotonic() + patience
+    missing = set(threads)
+    while missing:
+        async with live_saver() as saver:  # fresh: nothing cached, all from the cluster
+            for tid in sorted(missing):
+                listed = [t async for t in saver.alist(config(tid))]
+                if len(listed) < steps:
+                    continue
+                assert [t.config["configurable"]["checkpoint_id"] for t in listed] == written[tid][::-1]
+                assert all(len(t.pending_writes or []) == 1 and t.metadata["note"] == run for t in listed)
+                missing.discard(tid)
+        if missing:
+            assert time.monotonic() < deadline, f"{len(missing)} threads not visible after {patience:.0f} s"
+            await anyio.sleep(5)
+    async with live_saver() as saver:
+        for tid in threads:
+            await saver.adelete_thread(tid)
+        assert await saver.aget_tuple(config(threads[0])) is None

@@ -438,6 +438,78 @@ def test_ingest_errors_are_permanent_kusto_errors(server, client, ingest, items)
     assert server.rows(TABLE) == []
 
 
+def test_value_size_rules_of_kusto(server, client, ingest, items):
+    """A string cell over 1 MB (UTF-8) is cut to 1 MB, a dynamic cell over 1 MB is null,
+    silently, on streaming and inline ingestion alike."""
+    limit = server.max_value_bytes
+    assert limit == 1024 * 1024
+    exact = "x" * limit
+    long_ascii = "y" * (limit + 10)
+    long_utf8 = "é" * (limit // 2) + "z"  # 2 bytes each: the cut falls inside no character
+    big_meta = {"blob": "m" * limit}
+    docs = [
+        {"thread_id": "exact", "payload": {"text": exact}, "metadata": {"ok": 1}},
+        {"thread_id": "ascii", "payload": {"text": long_ascii}, "metadata": big_meta},
+        {"thread_id": "utf8", "payload": {"text": long_utf8}, "metadata": [1]},
+    ]
+    ingest.ingest_from_stream(io.StringIO(jsonl(docs[:2])), props())
+    client.execute_mgmt(DB, f".ingest inline into table {TABLE} with (format='multijson', "
+                            f"ingestionMappingReference='{MAPPING}') <|\n{jsonl(docs[2:])}")
+    rows = {r["thread_id"]: r for r in server.rows(TABLE)}
+    assert rows["exact"]["body"] == exact and rows["exact"]["metadata"] == {"ok": 1}
+    assert rows["ascii"]["body"] == long_ascii[:limit] and rows["ascii"]["metadata"] is None
+    assert rows["utf8"]["body"] == "é" * (limit // 2) and rows["utf8"]["metadata"] == [1]
+    got = query(client, f"{TABLE} | where thread_id == 'ascii' | project n = strlen(body)")
+    assert got == [{"n": limit}]
+
+
+def test_streaming_request_over_4_mb_is_refused(server, client, ingest, items):
+    limit = server.max_streaming_bytes
+    assert limit == 4 * 1024 * 1024
+    doc = {"thread_id": "big", "payload": {"text": "b" * 900_000}}
+    under = jsonl([doc] * 4)  # 3.6 MB
+    over = jsonl([doc] * 5)  # 4.5 MB (gzip makes it tiny on the wire: the data counts)
+    ingest.ingest_from_stream(io.StringIO(under), props())
+    with pytest.raises(KustoApiError, match="over the streaming ingestion limit") as caught:
+        ingest.ingest_from_stream(io.StringIO(over), props())
+    assert caught.value.get_api_error().permanent is True
+    assert len(server.rows(TABLE)) == 4
+    sizes = [len(r.body) for r in server.requests if r.route == "ingest"]
+    assert sizes == [len(under.encode()), len(over.encode())]
+
+
+def test_ingest_inline(server, client, items):
+    rows = records(5, "tricky")
+    client.execute_mgmt(DB, f".ingest inline into table {TABLE} with (format=\"multijson\", "
+                            f"ingestionMappingReference=\"{MAPPING}\") <|\n{jsonl(rows)}")
+    got = server.rows(TABLE)
+    assert [r["thread_id"] for r in got] == [r["thread_id"] for r in rows]
+    assert [r["body"] for r in got] == [r["payload"]["text"] for r in rows]
+    with pytest.raises(KustoApiError, match="Mapping reference 'nope'"):
+        client.execute_mgmt(DB, f".ingest inline into table {TABLE} with (format='json', "
+                                f"ingestionMappingReference='nope') <| {jsonl(rows[:1])}")
+    with pytest.raises(KustoApiError, match="not 'csv'"):
+        client.execute_mgmt(DB, f".ingest inline into table {TABLE} <| a,b")
+    assert len(server.rows(TABLE)) == 5
+
+
+@pytest.mark.parametrize("kind", ["fail", "drop"])
+def test_faults_after_the_work_store_the_rows(server, client, ingest, items, kind):
+    """``after=True``: the rows land, the client still sees an error (a retry duplicates)."""
+    if kind == "fail":
+        server.faults.fail_next(1, status=503, route="ingest", after=True)
+        expected: type[Exception] = KustoApiError
+    else:
+        server.faults.drop_next(1, route="ingest", after=True)
+        expected = KustoNetworkError
+    with pytest.raises(expected):
+        ingest.ingest_from_stream(io.StringIO(jsonl(records(2))), props())
+    assert [r["thread_id"] for r in server.rows(TABLE)] == ["t-0", "t-1"]
+    ingest.ingest_from_stream(io.StringIO(jsonl(records(2))), props())  # the retry
+    assert [r["thread_id"] for r in server.rows(TABLE)] == ["t-0", "t-1", "t-0", "t-1"]
+    assert server.faults.injected[kind] == 1 and server.requests[-2].fault == kind
+
+
 def test_streaming_policy_can_be_required(client):
     with LoopbackKusto(require_streaming_policy=True) as srv, \
             KustoClient(srv.kcsb()) as kusto, KustoStreamingIngestClient(srv.kcsb()) as ingest:

@@ -10,8 +10,13 @@
   ``long(5)``. Nothing a user supplies is ever spliced into KQL text.
 * Rows are ingested as JSON lines (``multijson``) through the table's JSON
   ingestion mapping (``schema.mapping_name``) with the streaming, managed-streaming
-  or queued ingest client. A batch is split so one request stays under
-  ``max_request_bytes`` (uncompressed; the streaming limit is 4 MB).
+  or queued ingest client, or (``ingest_mode="inline"``, for the Kusto emulator,
+  which has no streaming or queued ingestion) with ``.ingest inline`` commands. A
+  batch is split so one request stays under ``max_request_bytes`` (uncompressed;
+  the streaming limit is 4 MB).
+* Compaction's ``.delete table Checkpoints records`` is followed by the same
+  deletion on the ``LatestCheckpoints`` materialized view when it exists: a soft
+  delete on a view's source table does not reach rows the view already holds.
 * SDK failures become :class:`TransientBackendError` (throttling, network errors,
   timeouts, 5xx and other non-permanent service errors: the ingestor retries them)
   or :class:`PermanentBackendError` (missing table or mapping, bad request, auth),
@@ -47,11 +52,14 @@ import orjson
 
 from ..errors import ConfigError, PermanentBackendError, TransientBackendError
 from ..records import JsonText, us_to_datetime
-from ..schema import DATETIME, DYNAMIC, LATEST_VIEW, TABLES, TABLES_BY_NAME, Table, mapping_name
+from ..schema import CHECKPOINTS, DATETIME, DYNAMIC, LATEST_VIEW, TABLES, TABLES_BY_NAME, Table, mapping_name
 
 log = logging.getLogger(__name__)
 
-INGEST_MODES = ("streaming", "managed", "queued")
+INGEST_MODES = ("streaming", "managed", "queued", "inline")
+
+#: Kusto entity names: letters, digits, underscores, spaces, dots and dashes
+_ENTITY_NAME = re.compile(r"[\w .-]{1,1024}")
 
 #: one streaming ingest request carries at most 4 MB; keep a margin for the envelope
 _STREAMING_LIMIT = 4 * 1024 * 1024
@@ -556,9 +564,11 @@ class KustoBackend:
     azure-identity ``TokenCredential`` (default: ``DefaultAzureCredential``), a ready
     ``KustoConnectionStringBuilder``, or a Kusto connection string. ``ingest_mode``:
     ``"streaming"`` (rows queryable when the request returns), ``"managed"`` (streaming,
-    falling back to queued for large or repeatedly failing batches) or ``"queued"``
-    (``ingest_uri`` defaults to the cluster's ``ingest-`` endpoint). ``query_timeout``:
-    seconds, sent as ``servertimeout`` (the client waits 30 s longer).
+    falling back to queued for large or repeatedly failing batches), ``"queued"``
+    (``ingest_uri`` defaults to the cluster's ``ingest-`` endpoint) or ``"inline"``
+    (``.ingest inline`` management commands: for the Kusto emulator and prototyping
+    only, Kusto advises against it in production). ``query_timeout``: seconds, sent as
+    ``servertimeout`` (the client waits 30 s longer).
     """
 
     name = "kusto"
@@ -629,6 +639,11 @@ class KustoBackend:
                 self._token_credential = credential
         if not isinstance(database, str) or not database:
             raise ConfigError("database must be the name of the Kusto database")
+        if not _ENTITY_NAME.fullmatch(database):
+            raise ConfigError(
+                "database must be a Kusto database name (letters, digits, underscores, spaces, "
+                f"dots and dashes), got {database!r}"
+            )
         if ingest_uri is not None and not re.match(r"^https?://[^/\s]+", ingest_uri):
             raise ConfigError("ingest_uri must be the data management endpoint's URL (https://ingest-<cluster>...)")
         self.database = database
@@ -642,6 +657,8 @@ class KustoBackend:
         self._client: Any = None
         self._ingest_client: Any = None
         self._limiter: anyio.CapacityLimiter | None = None
+        #: whether the LatestCheckpoints view exists (None: not looked yet)
+        self._has_view: bool | None = None
 
     def __repr__(self) -> str:
         return (
@@ -677,7 +694,9 @@ class KustoBackend:
 
         client = KustoClient(self._kcsb())
         try:
-            if self.ingest_mode == "streaming":
+            if self.ingest_mode == "inline":
+                ingest = None  # .ingest inline goes through the query client
+            elif self.ingest_mode == "streaming":
                 ingest = KustoStreamingIngestClient(self._kcsb())
             elif self.ingest_mode == "managed":
                 # an explicit ingest_uri is used as given (the SDK would prefix "ingest-")
@@ -704,6 +723,7 @@ class KustoBackend:
         except Exception as exc:
             raise map_error(exc, database=self.database, action="connection setup") from None
         self._client, self._ingest_client = client, ingest
+        self._has_view = None
         log.debug("opened %r", self)
 
     async def close(self) -> None:
@@ -785,7 +805,19 @@ class KustoBackend:
         return await self._run(self._execute_sync, kql, dict(params or {}), False)  # type: ignore[no-any-return]
 
     async def command(self, kql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        return await self._run(self._execute_sync, kql, dict(params or {}), True)  # type: ignore[no-any-return]
+        params = dict(params or {})
+        rows: list[dict[str, Any]] = await self._run(self._execute_sync, kql, params, True)
+        view_cmd = latest_view_deletion(kql)
+        if view_cmd is not None and await self._latest_view_exists():
+            # after the source table, so rows deleted from it are never materialized again
+            await self._run(self._execute_sync, view_cmd, params, True)
+        return rows
+
+    async def _latest_view_exists(self) -> bool:
+        if self._has_view is None:
+            rows = await self._run(self._execute_sync, ".show materialized-views", {}, True)
+            self._has_view = any(r.get("Name") == LATEST_VIEW for r in rows)
+        return self._has_view
 
     # -- ingestion ------------------------------------------------------------
 
@@ -802,12 +834,15 @@ class KustoBackend:
         from azure.kusto.ingest import IngestionProperties, StreamDescriptor
 
         ingest = self._ingest_client
-        if ingest is None:
+        if ingest is None and self.ingest_mode != "inline":
             raise PermanentBackendError("the Kusto backend is not open (use the saver inside `with`/`async with`)")
         try:
             lines = [row_to_json(spec, r) for r in rows]
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise PermanentBackendError(f"a row for {spec.name} cannot be encoded as JSON: {exc}") from None
+        if self.ingest_mode == "inline":
+            self._ingest_inline_sync(spec, lines)
+            return
         props = IngestionProperties(
             self.database,
             spec.name,
@@ -824,6 +859,22 @@ class KustoBackend:
             descriptor = StreamDescriptor(stream, is_compressed=True, size=len(body))
             try:
                 ingest.ingest_from_stream(descriptor, props)
+            except Exception as exc:  # noqa: BLE001 - mapped
+                raise map_error(
+                    exc, database=self.database, action=f"ingestion into {spec.name}", table=spec.name
+                ) from exc
+
+    def _ingest_inline_sync(self, spec: Table, lines: list[bytes]) -> None:
+        """``.ingest inline``: the data after ``<|`` is read as data, never as KQL."""
+        client = self._require_open()
+        props = self._properties("", {}, self.command_timeout)
+        head = (
+            f".ingest inline into table {spec.name} with (format='multijson', "
+            f"ingestionMappingReference='{mapping_name(spec.name)}') <|\n"
+        )
+        for body in split_payloads(lines, self.max_request_bytes):
+            try:
+                client.execute_mgmt(self.database, head + body.decode("utf-8"), props)
             except Exception as exc:  # noqa: BLE001 - mapped
                 raise map_error(
                     exc, database=self.database, action=f"ingestion into {spec.name}", table=spec.name
@@ -907,7 +958,8 @@ class KustoBackend:
                 (report.problems if self.ingest_mode == "streaming" else report.warnings).append(msg)
         if LATEST_VIEW not in views:
             report.warnings.append(
-                f"materialized view {LATEST_VIEW} is missing (the saver does not need it yet; provision.kql creates it)"
+                f"materialized view {LATEST_VIEW} is missing (the saver's reads do not use it; "
+                "provision.kql creates it for dashboards and ad-hoc queries)"
             )
         return report
 
@@ -929,6 +981,22 @@ class KustoBackend:
                     if enabled is not None:
                         return bool(enabled)
         return False
+
+
+_CHECKPOINTS_DELETION = re.compile(
+    rf"\.delete table {CHECKPOINTS.name} records <\| (declare query_parameters\([^()]*\);)\n"
+    rf"{CHECKPOINTS.name} (\| where [^\n]+)"
+)
+
+
+def latest_view_deletion(kql: str) -> str | None:
+    """For compaction's ``.delete table Checkpoints records`` (``kql.compaction_command``):
+    the same deletion on the LatestCheckpoints view, same parameters; None for any other
+    text. The view has every Checkpoints column, so the predicate reads the same."""
+    m = _CHECKPOINTS_DELETION.fullmatch(kql)
+    if m is None:
+        return None
+    return f".delete materialized-view {LATEST_VIEW} records <| {m.group(1)}\n{LATEST_VIEW} {m.group(2)}"
 
 
 def _parse_connection_string(text: str) -> Any:
@@ -994,6 +1062,7 @@ __all__ = [
     "declared_parameters",
     "encode_parameter",
     "kusto_datetime_text",
+    "latest_view_deletion",
     "map_error",
     "provision_commands",
     "provision_text",
