@@ -30,6 +30,10 @@ from ..schema import DATETIME, DYNAMIC, INT, LONG, STRING, TABLES, TABLES_BY_NAM
 
 _DUCK_TYPES = {STRING: "VARCHAR", DYNAMIC: "JSON", LONG: "BIGINT", INT: "INTEGER", DATETIME: "TIMESTAMP"}
 _ARROW_TYPES = {STRING: pa.string(), DYNAMIC: pa.string(), LONG: pa.int64(), INT: pa.int32(), DATETIME: pa.timestamp("us")}
+#: KQL text -> translated SQL, shared by every instance (the schema is fixed):
+#: parsing KQL is the slow part of a first query, so it happens once per process
+_TRANSLATED: dict[str, Any] = {}
+_TRANSLATE_LOCK = threading.Lock()
 _DELETE_RE = re.compile(r"^\s*\.delete\s+table\s+(\w+)\s+records\s*<\|\s*(.*)$", re.S)
 
 
@@ -56,7 +60,6 @@ class EmbeddedBackend:
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._cursors_lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(threads)
-        self._translated: dict[str, Any] = {}
         self._schema: dict[str, list[str]] | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -79,6 +82,10 @@ class EmbeddedBackend:
                     con.execute(f'ALTER TABLE "{table.name}" ADD COLUMN "{c}" {_DUCK_TYPES[k]}')
         self._schema = {t.name: list(t.column_names) for t in TABLES}
         self._con = con
+        from .. import kql
+
+        for _, text in kql.all_templates():  # translate up front, not in the first reads
+            self._translate(text)
 
     async def close(self) -> None:
         con, self._con = self._con, None
@@ -134,10 +141,12 @@ class EmbeddedBackend:
     # -- queries -----------------------------------------------------------
 
     def _translate(self, kql: str) -> Any:
-        tr = self._translated.get(kql)
+        tr = _TRANSLATED.get(kql)
         if tr is None:
-            tr = duckdb_kql.to_sql(kql, schema=self._schema)
-            self._translated[kql] = tr
+            with _TRANSLATE_LOCK:
+                tr = _TRANSLATED.get(kql)
+                if tr is None:
+                    tr = _TRANSLATED[kql] = duckdb_kql.to_sql(kql, schema=self._schema)
         return tr
 
     async def query(self, kql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -182,7 +191,7 @@ class EmbeddedBackend:
         spec = TABLES_BY_NAME.get(table)
         if spec is None:
             raise PermanentBackendError(f"no table {table!r}")
-        tr = self._translate(query)
+        tr = duckdb_kql.to_sql(query, schema=self._schema)  # generated per batch: not cached
         cur = self._cursor()
         cols = list(spec.column_names)
         cond = " AND ".join(f'd."{c}" IS NOT DISTINCT FROM t."{c}"' for c in cols if spec.columns[cols.index(c)][1] != DYNAMIC)
