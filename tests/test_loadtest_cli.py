@@ -60,8 +60,8 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
 def test_failed_verification_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     real = workloads.expected_graph_messages
 
-    def wrong(thread_id: str, steps: int) -> list:
-        return real(thread_id, steps)[:-1]  # expect one message fewer than the graph writes
+    def wrong(thread_id: str, steps: int, shape: workloads.Shape = workloads.DEFAULT_SHAPE) -> list:
+        return real(thread_id, steps, shape)[:-1]  # expect one message fewer than the graph writes
 
     monkeypatch.setattr(workloads, "expected_graph_messages", wrong)
     code, res, text = _run(["--agents", "2", "--steps", "2", "--no-compare", "-q"])
