@@ -51,7 +51,7 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
     assert f"checkpoints written: {agents * per_thread} (expected {agents * per_thread})" in text
     assert f"threads OK {agents}, failed 0" in text
     assert op in text and "checkpoints/s" in text and "peak RSS" in text and "elapsed" in text
-    assert "comparison (same workload, same process):" in text
+    assert "summary (same workload, same process, one saver after another):" in text
     for label in ("AsyncKustoSaver (embedded DuckDB)", "InMemorySaver", "AsyncSqliteSaver"):
         assert label in text
     assert "RESULT: OK (all 15 threads verified)" in text
