@@ -40,18 +40,19 @@ class Latencies:
         a.append(seconds)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """``{op: {count, mean_ms, p50_ms, p95_ms, p99_ms, max_ms}}``."""
+        """``{op: {count, min_ms, mean_ms, p50_ms, p95_ms, p99_ms, max_ms}}``."""
         return {op: distribution(a, scale=1000.0, unit="ms") for op, a in sorted(self.samples.items())}
 
 
 def distribution(values: Sequence[float] | array[float], *, scale: float = 1.0, unit: str = "") -> dict[str, float]:
-    """count, mean, p50/p95/p99 and max of ``values`` (times ``scale``), keys suffixed ``_<unit>``."""
+    """count, min, mean, p50/p95/p99 and max of ``values`` (times ``scale``), keys suffixed ``_<unit>``."""
     suffix = f"_{unit}" if unit else ""
     a = np.frombuffer(values, dtype=np.float64) if isinstance(values, array) else np.asarray(values, dtype=np.float64)
     out: dict[str, float] = {"count": int(a.size)}
     if a.size == 0:
         return out
     pct = np.percentile(a, PERCENTILES) * scale
+    out[f"min{suffix}"] = float(a.min() * scale)
     out[f"mean{suffix}"] = float(a.mean() * scale)
     for p, v in zip(PERCENTILES, pct):
         out[f"p{p}{suffix}"] = float(v)

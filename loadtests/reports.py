@@ -91,7 +91,7 @@ def _variant_targets(cfg: LoadTestConfig, variants: Sequence[Variant]) -> Callab
 
 async def report_run(cfg: LoadTestConfig, on_event: OnEvent = None) -> dict[str, Any]:
     run = await runner.run_targets(cfg, None, on_event)
-    return {**run, "report": "run", "checks": []}
+    return {**run, "report": "run", "checks": compare_checks(run) if cfg.compare else []}
 
 
 def compare_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -508,9 +508,7 @@ def section_argv(name: str, base_argv: Sequence[str]) -> list[str]:
 async def run_section(name: str, cfg: LoadTestConfig, on_event: OnEvent, opts: dict[str, Any]) -> dict[str, Any]:
     """One acceptance section in this process."""
     if name in ("raw", "graph"):
-        res = await report_run(replace(cfg, workload=name, compare=True), on_event)
-        res["checks"] = compare_checks(res)
-        return res
+        return await report_run(replace(cfg, workload=name, compare=True), on_event)
     c = replace(cfg, workload={"latency-hiding": "graph"}.get(name, "raw"))
     if name == "latency-hiding":
         return await report_latency_hiding(c, on_event)
@@ -540,7 +538,8 @@ def run_section_subprocess(name: str, child_argv: Sequence[str], stderr: Any = N
             data = {"report": name, "checks": [], "passed": False,
                     "error": f"section exited {proc.returncode} without results"}
         data["exit_code"] = proc.returncode
-        return data, proc.stdout
+        text = "".join(line for line in proc.stdout.splitlines(keepends=True) if not line.startswith("results written to "))
+        return data, text
     finally:
         os.unlink(path)
 
