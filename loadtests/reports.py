@@ -319,10 +319,14 @@ def durability_modes() -> tuple[str, ...]:
 
 
 def fsync_count(engine_stats: dict[str, Any]) -> int | None:
-    """The engine's fsync counter, if it reports one (a key containing 'fsync')."""
+    """The engine's fsync counter, if it reports one (a key containing 'fsync', at any depth)."""
     for k, v in (engine_stats or {}).items():
-        if "fsync" in k and isinstance(v, (int, float)):
+        if "fsync" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
             return int(v)
+        if isinstance(v, dict):
+            n = fsync_count(v)
+            if n is not None:
+                return n
     return None
 
 

@@ -379,8 +379,7 @@ def _fill_spool_options(options: dict[str, Any], workdir: str, key: str) -> None
     for f in fields(EngineConfig):
         name = f.name
         if name.startswith("spool") and (name.endswith("dir") or name.endswith("path")) and name not in options:
-            if f.default is None:
-                options[name] = os.path.join(workdir, _safe_name(key) + ".spool")
+            options[name] = os.path.join(workdir, _safe_name(key) + ".spool")
 
 
 class MemoryTarget(Target):

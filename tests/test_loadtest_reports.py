@@ -316,3 +316,9 @@ def test_config_rejects_a_store_with_a_cluster() -> None:
     cfg = runner.LoadTestConfig(cluster_uri="https://x", database="d", store="f.duckdb")
     with pytest.raises(ValueError, match="cannot be combined"):
         cfg.validate()
+
+
+def test_fsync_counter_is_found_wherever_the_engine_reports_it() -> None:
+    assert reports.fsync_count({"rows_in": 3, "restarts": {"batcher": 0}}) is None
+    assert reports.fsync_count({"fsyncs": 12}) == 12
+    assert reports.fsync_count({"spool": {"bytes": 5, "fsync_count": 7}}) == 7
