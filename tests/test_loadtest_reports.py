@@ -229,6 +229,10 @@ def test_scale_report_reports_both_sizes() -> None:
     large = res["runs"]["7_agents"]["results"]["kusto-7-agents"]
     assert large["verification"]["threads"] == 3  # a sample as large as the small run
     assert large["store"]["rows"]["Checkpoints"] == 7 * 2
+    # throughput counts every checkpoint written, not only the sampled threads'
+    assert large["checkpoints_per_s"] == pytest.approx(7 * 2 / large["elapsed_s"])
+    small = res["runs"]["3_agents"]["results"]["kusto-3-agents"]
+    assert small["checkpoints_per_s"] == pytest.approx(3 * 2 / small["elapsed_s"])
     assert "sampled threads verified" in text
 
 
