@@ -1,24 +1,35 @@
 """Command line: ``python -m langgraph.checkpoint.kusto.loadtests`` / ``kusto-checkpoint-loadtest``.
 
-Parses the arguments, runs :func:`.runner.run`, prints the results dict as plain
-lines, and exits non-zero if any thread could not be verified (or a saver failed).
-Progress lines go to stderr (``--quiet`` drops them); the report goes to stdout.
+Parses the arguments, runs the chosen report (:mod:`.reports`), prints it as
+plain text on stdout, writes it as JSON (``--json``) and a PNG (``--plot``).
+Progress goes to stderr: a live display on a terminal, plain lines otherwise.
+Exits non-zero if any thread could not be verified or a saver failed (and, with
+``--strict``, if an acceptance target is missed).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import runner
-from .workloads import WORKLOADS
+from . import reports, runner
+from .display import mib, num, progress_display, table, xr
+from .inject import InjectSpecError, parse_inject
+from .workloads import PAYLOAD_SIZE, WORKLOADS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+#: defaults of --agents / --steps: a quick run, and the acceptance figures' shape
+RUN_DEFAULTS = (100, 10)
+ACCEPTANCE_DEFAULTS = (200, 20)
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +52,21 @@ def _positive_float(text: str) -> float:
     return v
 
 
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmg]i?b?|b)?\s*$", re.I)
+
+
+def _size(text: str) -> int:
+    """Bytes: 33554432, 32MiB, 32MB (both 2**20), 512KiB, 1GiB."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 32MiB, 65536)")
+    unit = (m.group(2) or "b").lower()[0]
+    v = int(float(m.group(1)) * {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit])
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
+
+
 def _engine_option(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -52,111 +78,214 @@ def _engine_option(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+def _inject(text: str) -> str:
+    try:
+        parse_inject(text)
+    except InjectSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _sweep_param(text: str) -> tuple[str, list[Any]]:
+    name, sep, raw = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or name not in reports.SWEEP_PARAMS:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=V1,V2,... with NAME one of {', '.join(reports.SWEEP_PARAMS)}, got {text!r}"
+        )
+    conv = _positive_float if name == "flush_interval" else _positive_int
+    values = [conv(v.strip()) for v in raw.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"no values for {name}")
+    return name, values
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kusto-checkpoint-loadtest",
         description=(
-            "Load test of the Kusto checkpointer on its embedded DuckDB store: many concurrent "
-            "LangGraph agents, every thread read back through a fresh saver and verified, "
-            "compared with InMemorySaver and AsyncSqliteSaver. No cluster needed."
+            "Load test of the Kusto checkpointer (embedded DuckDB store by default, or a cluster): "
+            "many concurrent LangGraph agents, every thread read back and verified, compared with "
+            "LangGraph's own savers in the same run. Reports: run (default), sweep, latency-hiding, "
+            "scale, memory-bound, telemetry, durability, acceptance (all targets of issue 4/5)."
         ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--agents", type=_positive_int, default=100, help="concurrent agents, one thread each (default: 100)")
-    p.add_argument("--steps", type=_positive_int, default=10, help="steps per agent: graph invokes or raw get/put rounds (default: 10)")
-    p.add_argument(
-        "--workload",
-        choices=WORKLOADS,
-        default="graph",
-        help="graph: a compiled StateGraph (agent -> tool -> finish), one ainvoke per step; "
-        "raw: aget_tuple + aput + aput_writes per step on the saver directly (default: graph)",
-    )
-    p.add_argument("--store", metavar="PATH", help="DuckDB file for our saver (default: a temporary file, removed at the end)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary store files and print where they are")
-    p.add_argument("--batch-size", type=_positive_int, help="engine option batch_size (rows per table that trigger a batch)")
-    p.add_argument("--flush-interval", type=_positive_float, help="engine option flush_interval (seconds a row may wait)")
-    p.add_argument(
-        "-o",
-        "--engine-option",
-        action="append",
-        type=_engine_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other engine option, e.g. -o ingest_concurrency=8 -o durability=ingested (repeatable)",
-    )
-    p.add_argument(
-        "--compare",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run the same workload on InMemorySaver and AsyncSqliteSaver (default: on)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    what = p.add_argument_group("what to run")
+    what.add_argument("--report", choices=reports.REPORTS, default="run", help="which report")
+    what.add_argument("--sweep", dest="report", action="store_const", const="sweep", help="same as --report sweep")
+    what.add_argument("--latency-hiding", dest="report", action="store_const", const="latency-hiding",
+                      help="same as --report latency-hiding")
+    what.add_argument("--acceptance", dest="report", action="store_const", const="acceptance",
+                      help="same as --report acceptance: every acceptance figure, each section in its own process")
+
+    wl = p.add_argument_group("workload")
+    wl.add_argument("--agents", type=_positive_int, help=f"concurrent agents, one thread each (default: {RUN_DEFAULTS[0]}; acceptance {ACCEPTANCE_DEFAULTS[0]})")
+    wl.add_argument("--steps", type=_positive_int, help=f"steps per agent: graph invokes or raw rounds (default: {RUN_DEFAULTS[1]}; acceptance {ACCEPTANCE_DEFAULTS[1]})")
+    wl.add_argument("--workload", choices=WORKLOADS, default="graph",
+                    help="graph: a compiled StateGraph (agent -> tools -> finish), one ainvoke per step; "
+                    "raw: aget_tuple + aput + aput_writes per step on the saver directly")
+    wl.add_argument("--payload-bytes", type=_positive_int, default=PAYLOAD_SIZE, help="size of each tool result / pending write")
+    wl.add_argument("--fanout", type=_positive_int, default=1, help="parallel tool calls per step (graph: parallel nodes; raw: aput_writes calls)")
+    wl.add_argument("--growth", action=argparse.BooleanOptionalAction, default=True,
+                    help="the message list grows every step (--no-growth: only the latest step is kept)")
+
+    store = p.add_argument_group("our saver")
+    store.add_argument("--store", metavar="PATH", help="DuckDB file for our saver (default: a temporary file, removed at the end)")
+    store.add_argument("--keep", action="store_true", help="keep the temporary store files and print where they are")
+    store.add_argument("--cluster-uri", metavar="URI", help="an Azure Data Explorer cluster instead of the embedded store (azure-identity credentials)")
+    store.add_argument("--database", metavar="DB", help="the cluster's database (with --cluster-uri)")
+    store.add_argument("--ingest-mode", choices=("streaming", "queued", "managed"), default="streaming", help="with --cluster-uri")
+    store.add_argument("--batch-size", type=_positive_int, help="engine option batch_size (rows per table that trigger a batch)")
+    store.add_argument("--flush-interval", type=_positive_float, help="engine option flush_interval (seconds a row may wait)")
+    store.add_argument("--ingest-concurrency", type=_positive_int, help="engine option ingest_concurrency (batches sent at once)")
+    store.add_argument("-o", "--engine-option", action="append", type=_engine_option, default=[], metavar="KEY=VALUE",
+                       help="any other engine option, e.g. -o durability=ingested (repeatable)")
+    store.add_argument("--inject", type=_inject, metavar="SPEC",
+                       help="latency/errors per backend call, e.g. ingest=200ms,query=100ms[,dist=fixed|exponential|lognormal]"
+                       "[,sigma=0.5][,error_rate=0.01|ingest_error_rate=..|query_error_rate=..]; "
+                       f"latency-hiding default: {reports.DEFAULT_HIDING_INJECT}")
+
+    base = p.add_argument_group("baselines")
+    base.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                      help="also run the workload on InMemorySaver, AsyncSqliteSaver (and AsyncPostgresSaver with --postgres-url)")
+    base.add_argument("--postgres-url", metavar="URL",
+                      help="PostgreSQL URL: AsyncPostgresSaver (after its setup()) joins the baselines")
+    base.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                      help="read every thread back through a fresh saver and check it")
+    base.add_argument("--verify-sample", type=_positive_int, metavar="N",
+                      help="verify only N threads spread over all of them (default: every thread; "
+                      "the scale report's large run verifies as many as its small run)")
+
+    rep = p.add_argument_group("reports")
+    rep.add_argument("--sweep-param", action="append", type=_sweep_param, default=[], metavar="NAME=V1,V2,..",
+                     help=f"sweep only these (repeatable; NAME: {', '.join(reports.SWEEP_PARAMS)}); default grids: "
+                     + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in reports.SWEEP_DEFAULTS.items()))
+    rep.add_argument("--sweep-mode", choices=("oat", "grid"), default="oat",
+                     help="oat: one parameter at a time around the current settings; grid: every combination")
+    rep.add_argument("--sweep-slack", type=_positive_float, default=1.5,
+                     help="recommend the highest throughput whose p99 step latency is within this factor of the best p99")
+    rep.add_argument("--sweep-confirm", action=argparse.BooleanOptionalAction, default=True,
+                     help="oat: run the combined recommendation once to confirm it")
+    rep.add_argument("--scale-agents", type=_positive_int, default=reports.DEFAULT_SCALE_AGENTS,
+                     help="scale: the large agent count (compared with --agents)")
+    rep.add_argument("--memory-bound-bytes", type=_size, default=reports.DEFAULT_MEMORY_BOUND,
+                     help="memory-bound: max_buffered_bytes for the stalled-backend run (e.g. 32MiB)")
+    rep.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                     help="acceptance: run each section in a fresh Python process (clean RSS figures)")
+    rep.add_argument("--strict", action="store_true", help="acceptance: exit 1 when a target is missed")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    out.add_argument("--plot", metavar="PATH", help="write a PNG plot of the results")
+    out.add_argument("--progress", choices=("auto", "rich", "plain", "none"), default="auto",
+                     help="live progress on stderr: auto = a live display on a terminal, plain lines otherwise")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (same as --progress none)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> runner.LoadTestConfig:
     options: dict[str, Any] = dict(args.engine_option)
-    if args.batch_size is not None:
-        options["batch_size"] = args.batch_size
-    if args.flush_interval is not None:
-        options["flush_interval"] = args.flush_interval
+    for name in ("batch_size", "flush_interval", "ingest_concurrency"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    defaults = ACCEPTANCE_DEFAULTS if args.report == "acceptance" else RUN_DEFAULTS
     return runner.LoadTestConfig(
-        agents=args.agents,
-        steps=args.steps,
+        agents=args.agents or defaults[0],
+        steps=args.steps or defaults[1],
         workload=args.workload,
         store=args.store,
         keep=args.keep,
         compare=args.compare,
         engine_options=options,
+        payload_bytes=args.payload_bytes,
+        fanout=args.fanout,
+        growth=args.growth,
+        postgres_url=args.postgres_url,
+        cluster_uri=args.cluster_uri,
+        database=args.database,
+        ingest_mode=args.ingest_mode,
+        inject=args.inject,
+        verify=args.verify,
+        verify_sample=args.verify_sample,
     )
+
+
+def child_argv(args: argparse.Namespace, cfg: runner.LoadTestConfig) -> list[str]:
+    """Arguments an acceptance section's process gets (the same sizes and options)."""
+    argv = ["--agents", str(cfg.agents), "--steps", str(cfg.steps), "--payload-bytes", str(cfg.payload_bytes),
+            "--fanout", str(cfg.fanout), "--growth" if cfg.growth else "--no-growth",
+            "--verify" if cfg.verify else "--no-verify",
+            *(["--verify-sample", str(cfg.verify_sample)] if cfg.verify_sample else []),
+            "--scale-agents", str(args.scale_agents), "--memory-bound-bytes", str(args.memory_bound_bytes),
+            "--progress", "none" if args.quiet else args.progress]
+    for k, v in cfg.engine_options.items():
+        argv += ["-o", f"{k}={json.dumps(v)}"]
+    if cfg.postgres_url:
+        argv += ["--postgres-url", cfg.postgres_url]
+    if cfg.cluster_uri:
+        argv += ["--cluster-uri", cfg.cluster_uri, "--database", cfg.database or "", "--ingest-mode", cfg.ingest_mode]
+    if cfg.inject:
+        argv += ["--inject", cfg.inject]
+    return argv
 
 
 # -- formatting -------------------------------------------------------------------
 
 
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def _x(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}x"
+def _workload_line(cfg: dict[str, Any]) -> str:
+    fan = cfg.get("fanout", 1)
+    if cfg["workload"] == "graph":
+        tools = "tool" if fan == 1 else f"{fan} parallel tools"
+        text = f"graph (StateGraph agent -> {tools} -> finish, one ainvoke per step)"
+    else:
+        text = "raw (aget_tuple + aput + aput_writes per step)" if fan == 1 else f"raw (aget_tuple + aput + {fan} x aput_writes per step)"
+    growth = "growing message list" if cfg.get("growth", True) else "latest step only"
+    return f"{text}; {cfg.get('payload_bytes', PAYLOAD_SIZE)} B tool results, {growth}"
 
 
 def format_report(res: dict[str, Any]) -> list[str]:
-    """The results dict as plain lines."""
+    """One run (a :func:`.runner.run_targets` dict) as plain lines."""
     cfg = res["config"]
     lines: list[str] = []
-    workload = (
-        "graph (StateGraph agent -> tool -> finish, one ainvoke per step)"
-        if cfg["workload"] == "graph"
-        else "raw (aget_tuple + aput + aput_writes per step)"
-    )
     env = res["environment"]
     lines.append("langgraph-checkpoint-kusto load test")
-    lines.append(f"workload: {workload}")
+    lines.append(f"workload: {_workload_line(cfg)}")
     lines.append(f"agents: {cfg['agents']} x {cfg['steps']} steps, all agents concurrent")
     opts = ", ".join(f"{k}={v}" for k, v in sorted(cfg["engine_options"].items())) or "defaults"
     lines.append(f"engine options: {opts}")
+    if cfg.get("inject"):
+        lines.append(f"injected into our backend calls: {cfg['inject']}")
     lines.append(
         f"python {env['python']} on {env['cpus']} CPUs; langgraph {env['versions'].get('langgraph')}, "
         f"duckdb {env['versions'].get('duckdb')}"
     )
-    for key, r in res["results"].items():
+    for r in res["results"].values():
         lines.append("")
         lines.extend(_format_target(r, res))
-    if res["comparison"] or len(res["results"]) > 1:
-        lines.append("")
-        lines.extend(_format_table(res))
     lines.append("")
+    lines.extend(format_summary_tables(res))
+    lines.append("")
+    if res.get("checks"):
+        lines += ["issue 4 targets against the baselines (the goals are set for 200 agents x 20 steps):",
+                  *format_checks(res["checks"]), ""]
     if res.get("workdir"):
         lines.append(f"store files kept in: {res['workdir']}")
-    lines.append(f"total time: {res['total_s']:.1f} s, process peak RSS: {_mib(res['process_peak_rss_bytes'])}")
+    lines.append(f"total time: {res['total_s']:.1f} s, process peak RSS: {mib(res['process_peak_rss_bytes'])}")
+    lines.append(result_line(res))
+    return lines
+
+
+def result_line(res: dict[str, Any]) -> str:
     failed = [r["label"] for r in res["results"].values() if not r["passed"]]
     if failed:
-        lines.append(f"RESULT: FAILED ({', '.join(failed)})")
-    else:
-        threads = sum(r["verification"]["threads"] for r in res["results"].values())
-        lines.append(f"RESULT: OK (all {threads} threads verified)")
-    return lines
+        return f"RESULT: FAILED ({', '.join(failed)})"
+    if not res["config"].get("verify", True):
+        return "RESULT: OK (not verified: --no-verify)"
+    threads = sum(r["verification"]["threads"] for r in res["results"].values())
+    if res["config"].get("verify_sample") and res["config"]["verify_sample"] < res["config"]["agents"]:
+        return f"RESULT: OK ({threads} sampled threads verified, every checkpoint row present)"
+    return f"RESULT: OK (all {threads} threads verified)"
 
 
 def _format_target(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
@@ -177,7 +306,7 @@ def _format_target(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
         f"  elapsed: {r['elapsed_s']:.2f} s (run {r['run_s']:.2f} s + flush {r['flush_s']:.2f} s); "
         f"open {r['open_s']:.2f} s, close {r['close_s']:.2f} s"
     )
-    lines.append(f"  peak RSS: {_mib(r['peak_rss_bytes'])} (at start {_mib(r['rss_start_bytes'])})")
+    lines.append(f"  peak RSS: {mib(r['peak_rss_bytes'])} (at start {mib(r['rss_start_bytes'])})")
     if r["run_errors"]:
         lines.append(f"  agent errors: {r['run_errors']}")
         lines.extend(f"    {e}" for e in r["run_error_samples"])
@@ -192,7 +321,7 @@ def _format_target(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
     if store.get("path"):
         where = store["path"] + (" [temporary, removed]" if store.get("temporary") and not res.get("workdir") else "")
         rows = ", ".join(f"{k} {n}" for k, n in (store.get("rows") or {}).items())
-        lines.append(f"  store: {where}, {_mib(store['file_bytes'])}" + (f"; rows: {rows}" if rows else ""))
+        lines.append(f"  store: {where}, {mib(store['file_bytes'])}" + (f"; rows: {rows}" if rows else ""))
     for w in r.get("store_warnings") or []:
         lines.append(f"  WARNING: {w}")
     eng = r.get("engine")
@@ -202,52 +331,243 @@ def _format_target(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
             f"  engine: rows_in {eng.get('rows_in')}, batches_ok {eng.get('batches_ok')}, "
             f"batches_failed {eng.get('batches_failed')}, retries {eng.get('retries')}, restarts {restarts}, "
             f"cache hits {eng.get('cache_hits')} / misses {eng.get('cache_misses')}, "
-            f"peak batcher {_mib(eng.get('peak_batcher_bytes'))}"
+            f"peak batcher {mib(eng.get('peak_batcher_bytes'))}"
         )
+    tel = r.get("telemetry")
+    if tel:
+        lines.append(f"  telemetry: {tel['spans']} spans, {tel['metric_points']} metric points from {len(tel['metrics'])} instruments ({tel['hook']})")
+    inj = r.get("inject")
+    if inj:
+        lines.append(f"  injected: {inj['spec']}; injected failures {inj.get('injected_failures', 0)}")
     if r.get("error"):
         lines.append(f"  ERROR: {r['error']}")
     return lines
 
 
-def _format_table(res: dict[str, Any]) -> list[str]:
+def format_summary_tables(res: dict[str, Any]) -> list[str]:
+    """Throughput per saver, latency per operation, and what our engine did."""
     results = res["results"]
     op = next((r["op_label"] for r in results.values() if r.get("op_label")), "ops")
-    head = f"{'saver':<34} {op + '/s':>14} {'checkpoints/s':>14} {'elapsed s':>10} {'peak RSS':>12} {'verified':>10}  {'ours vs it':>10}"
-    lines = ["comparison (same workload, same process):", head, "-" * len(head)]
+    lines = ["summary (same workload, same process, one saver after another):"]
+    rows = []
     for key, r in results.items():
         if r.get("ops") is None:
-            lines.append(f"{r['label']:<34} ERROR: {r['error']}")
+            rows.append([r["label"], "ERROR", "", "", "", "", ""])
             continue
-        v = r.get("verification") or {}
-        verified = f"{v.get('ok', 0)}/{v.get('threads', 0)}"
-        ratio = "-" if key == "kusto" else _x((res["comparison"].get(key) or {}).get("ops_per_s_ratio"))
-        lines.append(
-            f"{r['label']:<34} {r['ops_per_s']:>14.1f} {r.get('checkpoints_per_s', 0.0):>14.1f} "
-            f"{r['elapsed_s']:>10.2f} {_mib(r['peak_rss_bytes']):>12} {verified:>10}  {ratio:>10}"
-        )
-    lines.append(
-        "(elapsed = run + flush: everything stored; 'ours vs it' = our throughput / its throughput; "
-        "peak RSS is the whole process's, and the savers run one after another in it)"
-    )
+        v = r.get("verification")
+        verified = f"{v['ok']}/{v['threads']}" if v else "-"
+        ratio = "-" if key not in res.get("comparison", {}) else xr(res["comparison"][key].get("ops_per_s_ratio"))
+        rows.append([r["label"], num(r["ops_per_s"]), num(r.get("checkpoints_per_s")), f"{r['elapsed_s']:.2f}",
+                     mib(r["peak_rss_bytes"]), verified, ratio])
+    lines += table(["saver", f"{op}/s", "checkpoints/s", "elapsed s", "peak RSS", "verified", "ours vs it"], rows)
+    if res.get("comparison"):
+        lines.append("(elapsed = run + flush: everything stored; 'ours vs it' = our throughput / its throughput)")
+
+    lines += ["", "latency per operation, as the caller sees it (ms; step = one ainvoke / one raw round):"]
+    rows = []
+    for r in results.values():
+        for name, d in (r.get("latency_ms") or {}).items():
+            if d.get("count"):
+                rows.append([r["label"], name, str(d["count"]), num(d["p50_ms"], ".3f"), num(d["p95_ms"], ".3f"),
+                             num(d["p99_ms"], ".3f"), num(d["max_ms"], ".2f")])
+    lines += table(["saver", "operation", "count", "p50", "p95", "p99", "max"], rows, "llrrrrr")
+
+    ours = [r for r in results.values() if r.get("backend")]
+    if ours:
+        lines += ["", "our engine (backend calls as the engine made them):"]
+        rows = []
+        for r in ours:
+            b, eng = r["backend"], r.get("engine") or {}
+            br, lag = b["batch_rows"], b["visibility_lag_ms"]
+            ing = (b["calls_ms"].get("ingest") or {})
+            restarts = sum((eng.get("restarts") or {}).values())
+            rows.append([
+                r["label"], str(br.get("count", 0)),
+                f"{num(br.get('mean'), '.0f')}/{num(br.get('p50'), '.0f')}/{num(br.get('p99'), '.0f')}",
+                f"{num(ing.get('p50_ms'), '.1f')}/{num(ing.get('p99_ms'), '.1f')}",
+                f"{num(lag.get('p50_ms'), '.1f')}/{num(lag.get('p99_ms'), '.1f')}",
+                str(eng.get("retries", "n/a")), str(restarts), mib(eng.get("peak_batcher_bytes")),
+            ])
+        lines += table(["saver", "batches", "rows/batch mean/p50/p99", "ingest call p50/p99 ms",
+                        "visibility lag p50/p99 ms", "retries", "restarts", "peak batcher"], rows)
     return lines
 
 
-def _progress_printer(stream: TextIO) -> Any:
-    def on_event(ev: dict[str, Any]) -> None:
-        kind = ev["event"]
-        if kind == "start":
-            print(f"[{ev['target']}] running {ev['ops']} steps on {ev['label']} ...", file=stream, flush=True)
-        elif kind == "progress":
-            print(f"[{ev['target']}] {ev['done']}/{ev['total']} steps, {ev['elapsed_s']:.0f} s", file=stream, flush=True)
-        elif kind == "written":
-            print(f"[{ev['target']}] written and stored in {ev['elapsed_s']:.2f} s; verifying ...", file=stream, flush=True)
-        elif kind == "verified":
-            v = ev["verification"]
-            print(f"[{ev['target']}] verified: {v['ok']} OK, {v['failed']} failed", file=stream, flush=True)
-        elif kind == "error":
-            print(f"[{ev['target']}] ERROR: {ev['error']}", file=stream, flush=True)
+def format_checks(checks: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for c in checks:
+        if c["passed"] is None:
+            verdict = "n/a"
+        else:
+            verdict = "PASS" if c["passed"] else "FAIL"
+        target = "-" if c.get("target") is None else f"{c['comparison']} {c['target']:g}x"
+        o, b = c["ours"], c["base"]
+        rows.append([c["name"], xr(c["ratio"]), target, verdict,
+                     f"{_fig(o['value'], o['unit'])} ({o['label']})", f"{_fig(b['value'], b['unit'])} ({b['label']})"])
+    lines = table(["target", "ratio", "goal", "result", "ours / numerator", "baseline / denominator"], rows, "lrrlll")
+    notes = [f"  {c['name']}: {c['note']}" for c in checks if c.get("note")]
+    if notes:
+        lines += ["notes:", *notes]
+    return lines
 
-    return on_event
+
+def _fig(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "bytes":
+        return mib(v)
+    return f"{v:,.1f} {unit}"
+
+
+def format_any(res: dict[str, Any]) -> list[str]:
+    """Any report's dict as plain lines."""
+    kind = res.get("report", "run")
+    if kind == "run":
+        return format_report(res)
+    if kind == "acceptance":
+        return format_acceptance(res)
+    lines: list[str] = []
+    for name, run in res["runs"].items():
+        lines += [f"### {kind}: {name}", *format_report(run), ""]
+    if kind == "sweep":
+        lines += format_sweep(res)
+    if kind == "durability":
+        lines += format_durability(res)
+    if kind == "memory-bound":
+        s = res["stall"]
+        lines += [f"stalled backend: idle RSS {mib(s['idle_rss_bytes'])}, peak {mib(s['peak_rss_bytes'])}, "
+                  f"max buffered {mib(s['max_buffered_bytes'])} of {mib(res['bound_bytes'])}; "
+                  f"{s['steps_while_stalled']} steps accepted in {s['stalled_s']:.1f} s stalled, "
+                  f"agents blocked: {'yes' if s['agents_blocked'] else 'no'}", ""]
+    if res.get("checks"):
+        lines += [f"{kind} figures:", *format_checks(res["checks"])]
+    return lines
+
+
+def format_sweep(res: dict[str, Any]) -> list[str]:
+    params = list(res["grids"])
+    lines = [f"sweep ({res['mode']}, {res['metric']}; step latency p50/p99 in ms):"]
+    rows = []
+    for p in res["points"]:
+        s = p["settings"]
+        rows.append([*(str(s.get(k)) for k in params), num(p["throughput"]), num(p["p50_ms"], ".2f"),
+                     num(p["p99_ms"], ".2f"), num(p["p99_aput_ms"], ".3f"), num(p["mean_batch_rows"], ".0f"),
+                     mib(p["peak_rss_bytes"]), "ok" if p["passed"] else (p["error"] or "FAILED")])
+    lines += table([*params, res["metric"], "p50", "p99", "p99 aput", "rows/batch", "peak RSS", "verified"], rows,
+                   "r" * (len(params) + 6) + "l")
+    rec = res.get("recommendation")
+    lines.append("")
+    if rec:
+        settings = ", ".join(f"{k}={v}" for k, v in rec["settings"].items())
+        how = rec.get("from", f"highest throughput with p99 within {res['slack']}x of the best")
+        figs = ""
+        if rec.get("throughput"):
+            figs = f": {num(rec['throughput'])} {res['metric']}, p99 step {num(rec.get('p99_ms'), '.2f')} ms"
+        lines.append(f"RECOMMENDED: {settings}{figs} ({how}; p99 within {res['slack']}x of the best)")
+        if rec.get("combined"):
+            c = rec["combined"]
+            lines.append(f"  (combined per-parameter picks {c['settings']} measured {num(c['throughput'])} {res['metric']})")
+    else:
+        lines.append("RECOMMENDED: none (no engine setting was swept, or every point failed)")
+    sat = res.get("saturation")
+    if sat:
+        curve = ", ".join(f"{c['agents']}: {num(c['throughput'], ',.0f')} (p99 {num(c['p99_ms'], '.1f')} ms)" for c in sat["curve"])
+        lines.append(f"SATURATION: throughput reaches 90% of its peak at {sat['agents']} agents ({curve})")
+    return lines
+
+
+def format_durability(res: dict[str, Any]) -> list[str]:
+    rows = [[t["mode"], num(t["throughput"]), num(t["p50_aput_ms"], ".3f"), num(t["p99_aput_ms"], ".3f"),
+             "n/a" if t["fsyncs_per_s"] is None else num(t["fsyncs_per_s"]), t["error"] or ""] for t in res["table"]]
+    unit = res["table"][0]["unit"] if res["table"] else ""
+    return [f"durability modes (engine accepts: {', '.join(res['modes'])}):",
+            *table(["durability", unit, "p50 aput ms", "p99 aput ms", "fsyncs/s", "error"], rows, "lrrrrl"), ""]
+
+
+def format_acceptance(res: dict[str, Any]) -> list[str]:
+    env = res["environment"]
+    lines = ["langgraph-checkpoint-kusto acceptance figures (issue 4 load tests, issue 5 durability)",
+             f"python {env['python']} on {env['cpus']} CPUs; langgraph {env['versions'].get('langgraph')}, "
+             f"duckdb {env['versions'].get('duckdb')}; {res['total_s']:.0f} s in all", ""]
+    lines += format_checks(res["checks"])
+    dur = res["sections"].get("durability")
+    if dur and dur.get("table"):
+        lines += ["", *format_durability(dur)]
+    scale = res["sections"].get("scale")
+    if scale and scale.get("rss"):
+        rss = scale["rss"]
+        lines.append(f"scale: peak RSS {mib(rss['small']['peak_rss_bytes'])} at {scale['agents'][0]} agents, "
+                     f"{mib(rss['large']['peak_rss_bytes'])} at {scale['agents'][1]} agents")
+    unverified = [n for n, s in res["sections"].items() if not s.get("passed")]
+    lines.append("")
+    lines.append(f"ACCEPTANCE: {res['checks_passed']} of {res['checks_passed'] + res['checks_failed']} targets met"
+                 + (f", {res['checks_not_judged']} not judged" if res["checks_not_judged"] else "")
+                 + ("; every thread verified" if not unverified else f"; NOT VERIFIED: {', '.join(unverified)}"))
+    return lines
+
+
+# -- running ------------------------------------------------------------------------
+
+
+async def _run_report(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: Any, out: TextIO, err: TextIO) -> dict[str, Any]:
+    kind = args.report
+    if kind == "run":
+        return await reports.report_run(cfg, on_event)
+    if kind == "sweep":
+        grids = dict(args.sweep_param) or None
+        return await reports.report_sweep(cfg, on_event, grids=grids, mode=args.sweep_mode, slack=args.sweep_slack,
+                                          confirm=args.sweep_confirm)
+    if kind == "latency-hiding":
+        return await reports.report_latency_hiding(cfg, on_event)
+    if kind == "scale":
+        return await reports.report_scale(cfg, on_event, large_agents=args.scale_agents)
+    if kind == "memory-bound":
+        return await reports.report_memory_bound(cfg, on_event, bound=args.memory_bound_bytes)
+    if kind == "telemetry":
+        return await reports.report_telemetry(cfg, on_event)
+    if kind == "durability":
+        return await reports.report_durability(cfg, on_event)
+    raise AssertionError(kind)
+
+
+def _acceptance(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: Any, out: TextIO, err: TextIO) -> dict[str, Any]:
+    import time
+
+    started = time.perf_counter()
+    sections: dict[str, dict[str, Any]] = {}
+    opts = {"scale_agents": args.scale_agents, "memory_bound": args.memory_bound_bytes}
+    for name in reports.ACCEPTANCE_SECTIONS:
+        if not args.quiet:
+            print(f"== acceptance section: {name} ==", file=err, flush=True)
+        if args.isolate:
+            # the child shows its own progress on our stderr when that is a real file
+            stderr = err if _has_fileno(err) else None
+            data, text = reports.run_section_subprocess(name, _section_child_argv(args, cfg, name), stderr=stderr)
+        else:
+            c = cfg if name == "latency-hiding" else _no_inject(cfg)
+            data = asyncio.run(reports.run_section(name, c, on_event, opts))
+            text = "\n".join(format_any(data)) + "\n"
+        sections[name] = data
+        print(f"#### section {name}\n{text}", file=out, flush=True)
+    return reports.summarize_acceptance(sections, started)
+
+
+def _no_inject(cfg: runner.LoadTestConfig) -> runner.LoadTestConfig:
+    from dataclasses import replace
+
+    return replace(cfg, inject=None)
+
+
+def _section_child_argv(args: argparse.Namespace, cfg: runner.LoadTestConfig, name: str) -> list[str]:
+    return child_argv(args, cfg if name == "latency-hiding" else _no_inject(cfg))
+
+
+def _has_fileno(stream: TextIO) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
 
 
 def execute(
@@ -266,13 +586,40 @@ def execute(
         cfg.validate()
     except Exception as exc:  # noqa: BLE001 - ConfigError and friends: a usage error
         parser.error(str(exc))
-    results = runner.run(cfg, None if args.quiet else _progress_printer(err))
-    for line in format_report(results):
+    if args.report == "acceptance" and args.store:
+        parser.error("--store cannot be used with --acceptance (each section uses its own temporary stores)")
+    for path in (args.json, args.plot):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"no such directory for {path!r}")
+    display = progress_display(err, "none" if args.quiet else args.progress)
+    try:
+        if args.report == "acceptance":
+            res = _acceptance(args, cfg, display, out, err)
+        else:
+            res = asyncio.run(_run_report(args, cfg, display, out, err))
+    finally:
+        if display is not None:
+            display.close()
+    for line in format_any(res):
         print(line, file=out)
-    for r in results["results"].values():
-        if r.get("traceback"):
-            print(f"\n{r['label']} failed:\n{r['traceback']}", file=err)
-    return (EXIT_OK if results["passed"] else EXIT_FAILED), results
+    runs = [res] if "results" in res else list(res.get("runs", {}).values())
+    for run in runs:
+        for r in run["results"].values():
+            if r.get("traceback"):
+                print(f"\n{r['label']} failed:\n{r['traceback']}", file=err)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+        print(f"results written to {args.json}", file=out)
+    if args.plot:
+        from .plots import plot
+
+        plot(res, args.plot)
+        print(f"plot written to {args.plot}", file=out)
+    ok = bool(res.get("passed")) if args.report != "acceptance" else bool(res.get("verified"))
+    if args.report == "acceptance" and args.strict and res.get("checks_failed"):
+        ok = False
+    return (EXIT_OK if ok else EXIT_FAILED), res
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,14 +4,19 @@ Everything an agent produces is a pure function of ``(thread_id, step)``, so the
 state each thread must end with can be computed independently and compared
 value by value with what a saver gives back.
 
-* **graph**: a compiled LangGraph ``StateGraph`` with three nodes
-  (``agent`` -> ``tool`` -> ``finish``) and a ``messages`` list reduced with
+* **graph**: a compiled LangGraph ``StateGraph``: ``agent`` -> ``fanout``
+  parallel tool nodes -> ``finish``, and a ``messages`` list reduced with
   ``operator.add``. A step is one ``ainvoke`` on the thread; every invoke
   continues the same thread, so the state (and each checkpointed blob) grows.
 * **raw**: no graph; per step the saver gets ``aget_tuple`` (the latest
-  checkpoint, with the pending write of the previous step), ``aput`` (a new
-  checkpoint whose message list is the previous one plus that pending write and
-  a new message) and ``aput_writes`` (a ~1 KB write against the new checkpoint).
+  checkpoint, with the pending writes of the previous step), ``aput`` (a new
+  checkpoint whose message list is the previous one plus those pending writes
+  and a new message) and ``fanout`` x ``aput_writes`` (one ~1 KB write each,
+  as LangGraph writes one call per task).
+
+The :class:`Shape` sets the size of each tool result (``payload_bytes``), the
+fan-out, and whether the message list grows step after step (``growth``) or
+keeps only the latest step (a bounded state).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import operator
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypedDict
@@ -34,6 +40,30 @@ VERIFY_CONCURRENCY = 32
 WORKLOADS = ("graph", "raw")
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What each step writes."""
+
+    #: characters of each tool result (graph) / pending write (raw)
+    payload_bytes: int = PAYLOAD_SIZE
+    #: parallel tool calls per step (graph: parallel nodes; raw: aput_writes calls)
+    fanout: int = 1
+    #: True: the message list accumulates over the steps; False: only the latest step is kept
+    growth: bool = True
+
+    def validate(self) -> None:
+        if self.payload_bytes < 1 or self.fanout < 1:
+            raise ValueError("payload_bytes and fanout must be at least 1")
+
+    @property
+    def messages_per_step(self) -> int:
+        """Graph: user, agent, one per tool, final."""
+        return 3 + self.fanout
+
+
+DEFAULT_SHAPE = Shape()
+
+
 # -- deterministic content ----------------------------------------------------
 
 
@@ -47,26 +77,35 @@ def user_message(thread_id: str, step: int) -> dict[str, Any]:
     return {"type": "human", "id": f"{thread_id}/{step}/user", "content": f"step {step}: look it up"}
 
 
-def ai_message(thread_id: str, step: int) -> dict[str, Any]:
+def _call_id(step: int, k: int) -> str:
+    return f"call-{step}" if k == 0 else f"call-{step}-{k}"
+
+
+def ai_message(thread_id: str, step: int, fanout: int = 1) -> dict[str, Any]:
     return {
         "type": "ai",
         "id": f"{thread_id}/{step}/agent",
         "content": "",
         "tool_calls": [
-            {"id": f"call-{step}", "name": "lookup", "args": {"query": f"q{step}"}, "type": "tool_call"}
+            {"id": _call_id(step, k), "name": "lookup", "args": {"query": f"q{step}"}, "type": "tool_call"}
+            for k in range(fanout)
         ],
         "response_metadata": {"model": "no-llm", "step": step},
     }
 
 
-def tool_message(thread_id: str, step: int) -> dict[str, Any]:
+def tool_message(thread_id: str, step: int, k: int = 0, size: int = PAYLOAD_SIZE) -> dict[str, Any]:
     return {
         "type": "tool",
-        "id": f"{thread_id}/{step}/tool",
-        "tool_call_id": f"call-{step}",
+        "id": f"{thread_id}/{step}/tool" + (f"{k}" if k else ""),
+        "tool_call_id": _call_id(step, k),
         "name": "lookup",
-        "content": _filler(thread_id, step),
+        "content": _filler(f"{thread_id}#{k}" if k else thread_id, step, size),
     }
+
+
+def tool_messages(thread_id: str, step: int, shape: Shape) -> list[dict[str, Any]]:
+    return [tool_message(thread_id, step, k, shape.payload_bytes) for k in range(shape.fanout)]
 
 
 def final_message(thread_id: str, step: int) -> dict[str, Any]:
@@ -76,40 +115,55 @@ def final_message(thread_id: str, step: int) -> dict[str, Any]:
 # -- the graph workload ---------------------------------------------------------
 
 
-class AgentState(TypedDict, total=False):
-    messages: Annotated[list[dict[str, Any]], operator.add]
-    thread: str
-    step: int
-
-
-def _step_of(state: AgentState) -> int:
+def _step_of(state: dict[str, Any]) -> int:
     return state.get("step", 0)
 
 
-async def _agent(state: AgentState) -> dict[str, Any]:
-    return {"messages": [ai_message(state["thread"], _step_of(state))]}
+def _tool_node_name(k: int, fanout: int) -> str:
+    # LangGraph applies parallel writes in node-name order: zero-pad so it is k's order
+    return "tool" if fanout == 1 else f"tool_{k:03d}"
 
 
-async def _tool(state: AgentState) -> dict[str, Any]:
-    return {"messages": [tool_message(state["thread"], _step_of(state))]}
-
-
-async def _finish(state: AgentState) -> dict[str, Any]:
-    step = _step_of(state)
-    return {"messages": [final_message(state["thread"], step)], "step": step + 1}
-
-
-def build_graph() -> Any:
-    """The uncompiled ``StateGraph``: ``agent`` -> ``tool`` -> ``finish``."""
+def build_graph(shape: Shape = DEFAULT_SHAPE) -> Any:
+    """The uncompiled ``StateGraph``: ``agent`` -> ``fanout`` tool nodes in parallel -> ``finish``."""
     from langgraph.graph import END, START, StateGraph
 
+    window = shape.messages_per_step
+
+    def keep_latest_step(old: list[Any], new: list[Any]) -> list[Any]:
+        return (old + new)[-window:]
+
+    reducer = operator.add if shape.growth else keep_latest_step
+
+    # functional form: the reducer is a local, which string annotations could not see
+    AgentState = TypedDict(  # type: ignore[misc]  # noqa: UP013
+        "AgentState",
+        {"messages": Annotated[list[dict[str, Any]], reducer], "thread": str, "step": int},
+        total=False,
+    )
+
+    async def agent(state: AgentState) -> dict[str, Any]:
+        return {"messages": [ai_message(state["thread"], _step_of(state), shape.fanout)]}
+
+    def make_tool(k: int) -> Callable[[AgentState], Awaitable[dict[str, Any]]]:
+        async def tool(state: AgentState) -> dict[str, Any]:
+            return {"messages": [tool_message(state["thread"], _step_of(state), k, shape.payload_bytes)]}
+
+        return tool
+
+    async def finish(state: AgentState) -> dict[str, Any]:
+        step = _step_of(state)
+        return {"messages": [final_message(state["thread"], step)], "step": step + 1}
+
     builder = StateGraph(AgentState)
-    builder.add_node("agent", _agent)
-    builder.add_node("tool", _tool)
-    builder.add_node("finish", _finish)
+    builder.add_node("agent", agent)
+    tools = [_tool_node_name(k, shape.fanout) for k in range(shape.fanout)]
+    for k, name in enumerate(tools):
+        builder.add_node(name, make_tool(k))
+        builder.add_edge("agent", name)
+    builder.add_node("finish", finish)
     builder.add_edge(START, "agent")
-    builder.add_edge("agent", "tool")
-    builder.add_edge("tool", "finish")
+    builder.add_edge(tools if len(tools) > 1 else tools[0], "finish")
     builder.add_edge("finish", END)
     return builder
 
@@ -118,10 +172,12 @@ def graph_input(thread_id: str, step: int) -> dict[str, Any]:
     return {"messages": [user_message(thread_id, step)], "thread": thread_id}
 
 
-def expected_graph_messages(thread_id: str, steps: int) -> list[dict[str, Any]]:
+def expected_graph_messages(thread_id: str, steps: int, shape: Shape = DEFAULT_SHAPE) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for s in range(steps):
-        out += [user_message(thread_id, s), ai_message(thread_id, s), tool_message(thread_id, s), final_message(thread_id, s)]
+    for s in range(steps) if shape.growth else range(steps - 1, steps):
+        out += [user_message(thread_id, s), ai_message(thread_id, s, shape.fanout)]
+        out += tool_messages(thread_id, s, shape)
+        out.append(final_message(thread_id, s))
     return out
 
 
@@ -129,25 +185,37 @@ def thread_config(thread_id: str) -> dict[str, Any]:
     return {"configurable": {"thread_id": thread_id}}
 
 
-async def graph_agent(graph: Any, thread_id: str, steps: int, on_step: Callable[[], None] | None = None) -> None:
+#: called after each step with its duration in seconds
+OnStep = Callable[[float], None]
+
+
+async def graph_agent(graph: Any, thread_id: str, steps: int, on_step: OnStep | None = None) -> None:
     cfg = thread_config(thread_id)
+    clock = time.perf_counter
     for step in range(steps):
+        t0 = clock()
         await graph.ainvoke(graph_input(thread_id, step), cfg)
         if on_step is not None:
-            on_step()
+            on_step(clock() - t0)
 
 
 # -- the raw workload -----------------------------------------------------------
 
 
-def expected_raw_messages(thread_id: str, steps: int) -> list[dict[str, Any]]:
-    """Messages of the latest checkpoint after ``steps`` steps (its pending write is the last tool message)."""
+def expected_raw_messages(thread_id: str, steps: int, shape: Shape = DEFAULT_SHAPE) -> list[dict[str, Any]]:
+    """Messages of the latest checkpoint after ``steps`` steps (its pending writes are the last tool messages)."""
     out: list[dict[str, Any]] = []
     for s in range(steps):
+        if not shape.growth:
+            out = []
         if s:
-            out.append(tool_message(thread_id, s - 1))
-        out.append(ai_message(thread_id, s))
+            out += tool_messages(thread_id, s - 1, shape)
+        out.append(ai_message(thread_id, s, shape.fanout))
     return out
+
+
+def _task_id(step: int, k: int) -> str:
+    return f"tool-{step}" if k == 0 else f"tool-{step}-{k:03d}"
 
 
 class RawStepError(AssertionError):
@@ -155,13 +223,19 @@ class RawStepError(AssertionError):
 
 
 async def raw_agent(
-    saver: BaseCheckpointSaver, thread_id: str, steps: int, on_step: Callable[[], None] | None = None
+    saver: BaseCheckpointSaver,
+    thread_id: str,
+    steps: int,
+    on_step: OnStep | None = None,
+    shape: Shape = DEFAULT_SHAPE,
 ) -> None:
-    """get_tuple -> put -> put_writes, ``steps`` times, each step building on what was read."""
+    """get_tuple -> put -> put_writes (x fanout), ``steps`` times, each step building on what was read."""
     cfg = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
     version: Any = None
     last_id: str | None = None
+    clock = time.perf_counter
     for step in range(steps):
+        t0 = clock()
         tup = await saver.aget_tuple(cfg)
         if step == 0:
             if tup is not None:
@@ -172,10 +246,11 @@ async def raw_agent(
             if tup is None or tup.config["configurable"]["checkpoint_id"] != last_id:
                 got = None if tup is None else tup.config["configurable"]["checkpoint_id"]
                 raise RawStepError(f"{thread_id} step {step}: latest checkpoint is {got}, just wrote {last_id}")
-            messages = list(tup.checkpoint["channel_values"].get("messages", []))
-            messages += [value for _task, channel, value in tup.pending_writes if channel == "messages"]
+            messages = list(tup.checkpoint["channel_values"].get("messages", [])) if shape.growth else []
+            pending = sorted(tup.pending_writes, key=lambda w: w[0])  # task ids sort in k's order
+            messages += [value for _task, channel, value in pending if channel == "messages"]
             parent = tup.config
-        messages.append(ai_message(thread_id, step))
+        messages.append(ai_message(thread_id, step, shape.fanout))
         version = saver.get_next_version(version, None)
         checkpoint = empty_checkpoint()
         checkpoint["id"] = last_id = str(uuid6(clock_seq=step))
@@ -185,9 +260,10 @@ async def raw_agent(
         checkpoint["updated_channels"] = ["messages"]
         metadata = {"source": "loop", "step": step, "parents": {}, "thread": thread_id}
         next_cfg = await saver.aput(parent, checkpoint, metadata, {"messages": version})  # type: ignore[arg-type]
-        await saver.aput_writes(next_cfg, [("messages", tool_message(thread_id, step))], f"tool-{step}")
+        for k, msg in enumerate(tool_messages(thread_id, step, shape)):
+            await saver.aput_writes(next_cfg, [("messages", msg)], _task_id(step, k))
         if on_step is not None:
-            on_step()
+            on_step(clock() - t0)
 
 
 # -- running and verifying --------------------------------------------------------
@@ -258,12 +334,15 @@ async def _count(saver: BaseCheckpointSaver, cfg: dict[str, Any]) -> int:
     return n
 
 
-async def verify_graph_thread(graph: Any, saver: BaseCheckpointSaver, thread_id: str, steps: int, expected_ckpts: int) -> tuple[list[str], int, int]:
+async def verify_graph_thread(
+    graph: Any, saver: BaseCheckpointSaver, thread_id: str, steps: int, expected_ckpts: int,
+    shape: Shape = DEFAULT_SHAPE,
+) -> tuple[list[str], int, int]:
     cfg = thread_config(thread_id)
     problems: list[str] = []
     state = await graph.aget_state(cfg)
     msgs = state.values.get("messages", [])
-    want = expected_graph_messages(thread_id, steps)
+    want = expected_graph_messages(thread_id, steps, shape)
     if msgs != want:
         problems.append(_diff(msgs, want))
     if state.values.get("step") != steps:
@@ -276,19 +355,21 @@ async def verify_graph_thread(graph: Any, saver: BaseCheckpointSaver, thread_id:
     return problems, n, len(msgs)
 
 
-async def verify_raw_thread(saver: BaseCheckpointSaver, thread_id: str, steps: int, expected_ckpts: int) -> tuple[list[str], int, int]:
+async def verify_raw_thread(
+    saver: BaseCheckpointSaver, thread_id: str, steps: int, expected_ckpts: int, shape: Shape = DEFAULT_SHAPE
+) -> tuple[list[str], int, int]:
     cfg = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
     problems: list[str] = []
     tup = await saver.aget_tuple(cfg)
     if tup is None:
         return ["no checkpoint"], await _count(saver, cfg), 0
     msgs = tup.checkpoint["channel_values"].get("messages", [])
-    want = expected_raw_messages(thread_id, steps)
+    want = expected_raw_messages(thread_id, steps, shape)
     if msgs != want:
         problems.append(_diff(msgs, want))
-    writes = [(ch, v) for _t, ch, v in tup.pending_writes]
-    if writes != [("messages", tool_message(thread_id, steps - 1))]:
-        problems.append(f"pending writes: {len(writes)} (expected the last tool message)")
+    writes = [(ch, v) for _t, ch, v in sorted(tup.pending_writes, key=lambda w: w[0])]
+    if writes != [("messages", m) for m in tool_messages(thread_id, steps - 1, shape)]:
+        problems.append(f"pending writes: {len(writes)} (expected the last step's {shape.fanout} tool message(s))")
     if tup.metadata.get("step") != steps - 1:
         problems.append(f"latest checkpoint is step {tup.metadata.get('step')}, expected {steps - 1}")
     n = await _count(saver, cfg)
@@ -327,7 +408,7 @@ async def verify_threads(
     return v
 
 
-async def reference_checkpoints_per_thread(workload: str, steps: int) -> int:
+async def reference_checkpoints_per_thread(workload: str, steps: int, shape: Shape = DEFAULT_SHAPE) -> int:
     """Checkpoints one thread of ``steps`` steps writes, measured on an InMemorySaver.
 
     LangGraph decides how many checkpoints an invoke writes (input, one per
@@ -338,8 +419,8 @@ async def reference_checkpoints_per_thread(workload: str, steps: int) -> int:
     saver = InMemorySaver()
     tid = "reference"
     if workload == "graph":
-        graph = build_graph().compile(checkpointer=saver)
+        graph = build_graph(shape).compile(checkpointer=saver)
         await graph_agent(graph, tid, steps)
         return await _count(saver, thread_config(tid))
-    await raw_agent(saver, tid, steps)
+    await raw_agent(saver, tid, steps, shape=shape)
     return await _count(saver, {"configurable": {"thread_id": tid, "checkpoint_ns": ""}})

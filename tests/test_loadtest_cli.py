@@ -51,7 +51,7 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
     assert f"checkpoints written: {agents * per_thread} (expected {agents * per_thread})" in text
     assert f"threads OK {agents}, failed 0" in text
     assert op in text and "checkpoints/s" in text and "peak RSS" in text and "elapsed" in text
-    assert "comparison (same workload, same process):" in text
+    assert "summary (same workload, same process, one saver after another):" in text
     for label in ("AsyncKustoSaver (embedded DuckDB)", "InMemorySaver", "AsyncSqliteSaver"):
         assert label in text
     assert "RESULT: OK (all 15 threads verified)" in text
@@ -60,8 +60,8 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
 def test_failed_verification_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     real = workloads.expected_graph_messages
 
-    def wrong(thread_id: str, steps: int) -> list:
-        return real(thread_id, steps)[:-1]  # expect one message fewer than the graph writes
+    def wrong(thread_id: str, steps: int, shape: workloads.Shape = workloads.DEFAULT_SHAPE) -> list:
+        return real(thread_id, steps, shape)[:-1]  # expect one message fewer than the graph writes
 
     monkeypatch.setattr(workloads, "expected_graph_messages", wrong)
     code, res, text = _run(["--agents", "2", "--steps", "2", "--no-compare", "-q"])

@@ -1,0 +1,328 @@
+"""The load tool's reports, outputs and options: real runs at tiny sizes, no mocks.
+
+Timing figures are not asserted (speed is measured by the tool, not by unit
+tests); what is asserted is that each figure is there, has the right shape, and
+that what must hold by construction holds (injected latency is at least what
+was injected, buffered bytes never exceed the bound, every thread verifies).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import anyio
+import pytest
+
+from langgraph.checkpoint.kusto.loadtests import cli, reports, runner
+from langgraph.checkpoint.kusto.loadtests.display import PlainProgress, RichProgress, progress_display
+from langgraph.checkpoint.kusto.loadtests.inject import InjectSpecError, LognormalLatency, parse_inject
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--agents", "3", "--steps", "2"]
+
+
+def _run(argv: list[str]) -> tuple[int, dict, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code, results = cli.execute(argv, out=out, err=err)
+    return code, results, out.getvalue(), err.getvalue()
+
+
+def _assert_png(path: str) -> None:
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 100 and img.shape[1] > 100
+
+
+def _assert_dist(d: dict, unit: str = "_ms") -> None:
+    assert d["count"] > 0
+    for k in ("min", "mean", "p50", "p95", "p99", "max"):
+        assert isinstance(d[k + unit], float)
+    assert d["min" + unit] <= d["p50" + unit] <= d["p95" + unit] <= d["p99" + unit] <= d["max" + unit]
+
+
+def test_run_writes_json_with_every_figure_and_a_png(tmp_path) -> None:
+    js, png = str(tmp_path / "r.json"), str(tmp_path / "r.png")
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--json", js, "--plot", png, "-q"])
+    assert code == 0, text
+    with open(js) as f:
+        data = json.load(f)
+    assert data["report"] == "run"
+    assert set(data["results"]) == {"kusto", "memory", "sqlite"}
+    for key, r in data["results"].items():
+        assert r["ops_per_s"] > 0 and r["checkpoints_per_s"] > 0 and r["peak_rss_bytes"] > 0
+        for op in ("aget_tuple", "aput", "aput_writes", "step"):
+            _assert_dist(r["latency_ms"][op])
+        assert r["latency_ms"]["aput"]["count"] == 3 * 2
+    ours = data["results"]["kusto"]
+    b = ours["backend"]
+    assert b["batch_rows"]["count"] > 0 and b["batch_rows"]["mean"] >= 1
+    _assert_dist(b["visibility_lag_ms"])
+    _assert_dist(b["calls_ms"]["ingest"])
+    assert ours["engine"]["retries"] == 0 and sum(ours["engine"]["restarts"].values()) == 0
+    names = [c["name"] for c in data["checks"]]
+    assert "raw: ours vs InMemorySaver checkpoints/s" in names and "raw: ours vs AsyncSqliteSaver checkpoints/s" in names
+    for c in data["checks"]:
+        assert c["ratio"] > 0 and c["ours"]["value"] > 0 and c["base"]["value"] > 0
+    _assert_png(png)
+    # the final tables
+    assert "latency per operation, as the caller sees it" in text
+    assert "rows/batch mean/p50/p99" in text and "visibility lag p50/p99 ms" in text and "retries" in text
+    assert f"results written to {js}" in text and f"plot written to {png}" in text
+
+
+@pytest.mark.parametrize(
+    ("workload", "extra"),
+    [("graph", ["--fanout", "3", "--no-growth", "--payload-bytes", "200"]), ("raw", ["--fanout", "2", "--payload-bytes", "3000"])],
+)
+def test_workload_shapes_verify_on_every_saver(workload: str, extra: list[str]) -> None:
+    code, res, text, _ = _run([*TINY, "--workload", workload, *extra, "-q"])
+    assert code == 0, text
+    assert all(r["verification"]["failed"] == 0 for r in res["results"].values())
+    assert res["config"]["fanout"] == int(extra[1])
+    if workload == "raw":
+        # one aput_writes call per tool: fanout of them per step
+        assert res["results"]["kusto"]["latency_ms"]["aput_writes"]["count"] == 3 * 2 * 2
+
+
+def test_sweep_recommends_settings_and_plots(tmp_path) -> None:
+    png, js = str(tmp_path / "s.png"), str(tmp_path / "s.json")
+    code, res, text, _ = _run(
+        [*TINY, "--workload", "raw", "--sweep", "--sweep-param", "batch_size=5,50", "--sweep-param", "agents=2,3",
+         "--sweep-param", "ingest_concurrency=1,2", "--plot", png, "--json", js, "-q"]
+    )
+    assert code == 0, text
+    assert res["report"] == "sweep" and res["mode"] == "oat"
+    seen = {(p["settings"]["batch_size"], p["settings"]["agents"], p["settings"]["ingest_concurrency"]) for p in res["points"]}
+    assert {(5, 3, 4), (50, 3, 4), (500, 2, 4), (500, 3, 1), (500, 3, 2)} <= seen
+    assert all(p["throughput"] > 0 and p["p99_ms"] > 0 for p in res["points"])
+    rec = res["recommendation"]
+    assert rec["settings"]["batch_size"] in (5, 50, 500) and rec["settings"]["ingest_concurrency"] in (1, 2, 4)
+    assert "agents" not in rec["settings"]
+    assert res["saturation"]["agents"] in (2, 3)
+    assert "RECOMMENDED: batch_size=" in text and "SATURATION:" in text
+    _assert_png(png)
+    assert json.load(open(js))["recommendation"] == rec
+
+
+def test_recommend_picks_highest_throughput_within_the_latency_slack() -> None:
+    pts = [
+        {"settings": {"batch_size": 10}, "throughput": 100.0, "p99_ms": 10.0},
+        {"settings": {"batch_size": 100}, "throughput": 300.0, "p99_ms": 14.0},
+        {"settings": {"batch_size": 1000}, "throughput": 500.0, "p99_ms": 40.0},
+    ]
+    assert reports.recommend(pts, 1.5, ["batch_size"])["settings"] == {"batch_size": 100}
+    assert reports.recommend(pts, 5.0, ["batch_size"])["settings"] == {"batch_size": 1000}
+    assert reports.recommend([], 1.5, ["batch_size"]) is None
+
+
+def test_injected_latency_slows_every_backend_call_and_hiding_reports_the_ratio() -> None:
+    code, res, text, _ = _run(
+        [*TINY, "--workload", "raw", "--latency-hiding", "--inject", "ingest=80ms,query=30ms", "-q"]
+    )
+    assert code == 0, text
+    run = res["runs"]["hiding"]
+    slow = run["results"]["kusto-injected"]["backend"]["calls_ms"]
+    zero = run["results"]["kusto-0ms"]["backend"]["calls_ms"]
+    assert slow["ingest"]["min_ms"] >= 80.0 and slow["query"]["min_ms"] >= 30.0
+    assert slow["ingest"]["p50_ms"] > zero["ingest"]["p50_ms"]
+    (c,) = res["checks"]
+    assert c["target"] == 0.8 and c["ratio"] > 0
+    assert c["ours"]["value"] == run["results"]["kusto-injected"]["ops_per_s"]
+    assert "latency hiding (raw, ingest=80ms,query=30ms,dist=fixed)" in text
+
+
+def test_faulty_backend_sleeps_per_call_without_blocking_others() -> None:
+    from langgraph.checkpoint.kusto.engine.backends.embedded import EmbeddedBackend
+
+    async def main() -> float:
+        backend = parse_inject("ingest=200ms,query=200ms").wrap(EmbeddedBackend(":memory:"))
+        await backend.open()
+        try:
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(backend.query, "Checkpoints | count", {})
+                    tg.start_soon(backend.ingest, "Checkpoints", [])
+            return time.perf_counter() - t0
+        finally:
+            await backend.close()
+
+    elapsed = anyio.run(main)
+    assert 0.2 <= elapsed < 1.0  # 20 calls of 200 ms each, concurrently: not 4 s
+
+
+def test_inject_syntax() -> None:
+    s = parse_inject("ingest=200ms,query=0.1,dist=lognormal,sigma=0.3,error_rate=0.01,seed=3")
+    assert (s.ingest, s.query, s.dist, s.sigma, s.seed) == (0.2, 0.1, "lognormal", 0.3, 3)
+    assert s.ingest_error_rate == s.query_error_rate == 0.01
+    plan = s.plan()
+    assert isinstance(plan.ingest_latency, LognormalLatency) and plan.ingest_error_rate == 0.01
+    assert parse_inject("ingest=150us").ingest == pytest.approx(150e-6)
+    exp = parse_inject("query=50ms,dist=exponential").plan().query_latency
+    assert (exp.fixed, exp.jitter) == (0.0, 0.05)
+    import random
+
+    rng = random.Random(0)
+    samples = sorted(LognormalLatency(0.1, 0.5).sample(rng) for _ in range(2001))
+    assert 0.09 < samples[1000] < 0.11  # the median is the given latency
+    for bad, msg in [("ingest", "expected key=value"), ("ingest=fast", "not a duration"), ("latency=1s", "unknown key"),
+                     ("dist=pareto", "dist must be one of"), ("error_rate=2", "between 0 and 1"), ("", "empty")]:
+        with pytest.raises(InjectSpecError, match=msg):
+            parse_inject(bad)
+
+
+def test_memory_bound_report_keeps_buffered_bytes_under_the_bound() -> None:
+    bound = 2 * 2**20
+    code, res, text, _ = _run(
+        ["--agents", "6", "--steps", "3", "--workload", "raw", "--report", "memory-bound",
+         "--memory-bound-bytes", "2MiB", "-q"]
+    )
+    assert code == 0, text
+    s = res["stall"]
+    assert s["idle_rss_bytes"] > 0 and s["peak_rss_bytes"] >= s["idle_rss_bytes"]
+    assert 0 < s["max_buffered_bytes"] <= bound
+    first, second = res["checks"]
+    assert first["passed"] is True and first["base"]["value"] == bound
+    assert second["ours"]["value"] == s["rss_growth_bytes"]
+    assert res["runs"]["stalled"]["results"]["kusto-stalled"]["verification"]["failed"] == 0
+    assert "stalled backend: idle RSS" in text
+
+
+def test_telemetry_report_collects_spans_and_metrics_only_when_on() -> None:
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "telemetry", "-q"])
+    assert code == 0, text
+    run = res["runs"]["telemetry"]["results"]
+    assert "telemetry" not in run["kusto-otel-off"]
+    tel = run["kusto-otel-on"]["telemetry"]
+    assert tel["spans"] >= 3 * 2 * 3  # a span per saver call at least
+    assert tel["metric_points"] > 0 and "db.client.operation.duration" in tel["metrics"]
+    assert res["checks"][0]["target"] == 0.9
+
+
+def test_durability_report_covers_every_mode_the_engine_accepts() -> None:
+    from langgraph.checkpoint.kusto.engine.config import DURABILITY_MODES
+
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "durability", "-q"])
+    assert code == 0, text
+    assert [t["mode"] for t in res["table"]] == list(DURABILITY_MODES)
+    for t in res["table"]:
+        assert t["throughput"] > 0 and t["p99_aput_ms"] > 0 and t["error"] is None
+    (c,) = res["checks"]
+    if "spool" in DURABILITY_MODES:
+        assert c["ratio"] is not None
+    else:
+        assert c["passed"] is None and "no 'spool' yet" in c["note"]
+    assert "durability modes (engine accepts:" in text
+
+
+def test_scale_report_reports_both_sizes() -> None:
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "scale", "--scale-agents", "7", "-q"])
+    assert code == 0, text
+    assert res["agents"] == [3, 7]
+    assert res["rss"]["small"]["peak_rss_bytes"] > 0 and res["rss"]["large"]["peak_rss_bytes"] > 0
+    large = res["runs"]["7_agents"]["results"]["kusto-7-agents"]
+    assert large["verification"]["threads"] == 3  # a sample as large as the small run
+    assert large["store"]["rows"]["Checkpoints"] == 7 * 2
+    # throughput counts every checkpoint written, not only the sampled threads'
+    assert large["checkpoints_per_s"] == pytest.approx(7 * 2 / large["elapsed_s"])
+    small = res["runs"]["3_agents"]["results"]["kusto-3-agents"]
+    assert small["checkpoints_per_s"] == pytest.approx(3 * 2 / small["elapsed_s"])
+    assert "sampled threads verified" in text
+
+
+def test_acceptance_runs_every_section_in_its_own_process(tmp_path) -> None:
+    js, png = str(tmp_path / "a.json"), str(tmp_path / "a.png")
+    code, res, text, _ = _run(
+        [*TINY, "--acceptance", "--scale-agents", "5", "--memory-bound-bytes", "2MiB",
+         "--json", js, "--plot", png, "-q"]
+    )
+    assert code == 0, text
+    data = json.load(open(js))
+    assert list(data["sections"]) == list(reports.ACCEPTANCE_SECTIONS)
+    assert all(s["exit_code"] == 0 and s["passed"] for s in data["sections"].values())
+    by_section = {c["section"] for c in data["checks"]}
+    assert by_section == set(reports.ACCEPTANCE_SECTIONS)
+    for c in data["checks"]:
+        assert {"name", "ratio", "target", "passed", "ours", "base"} <= set(c)
+    judged = [c for c in data["checks"] if c["passed"] is not None]
+    assert data["checks_passed"] + data["checks_failed"] == len(judged) >= 8
+    assert data["verified"] is True
+    assert "ACCEPTANCE:" in text and "targets met" in text and "#### section scale" in text
+    _assert_png(png)
+
+
+def test_non_tty_progress_is_plain_lines_and_a_tty_gets_the_live_display() -> None:
+    code, res, text, err = _run([*TINY, "--no-compare"])
+    assert code == 0
+    assert "[kusto] running 6 steps on AsyncKustoSaver (embedded DuckDB) ..." in err
+    assert "[kusto] verified: 3 OK, 0 failed" in err
+    assert "\x1b[" not in err and "\x1b[" not in text  # no terminal escapes in logs
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress_display(io.StringIO()), PlainProgress)
+    assert progress_display(io.StringIO(), "none") is None
+    tty = Tty()
+    live = progress_display(tty)
+    assert isinstance(live, RichProgress)
+    live({"event": "start", "target": "k", "label": "our saver", "ops": 10})
+    live({"event": "progress", "target": "k", "done": 5, "total": 10, "elapsed_s": 1.0})
+    live({"event": "written", "target": "k", "ops": 10, "elapsed_s": 2.0})
+    live.close()
+    assert "our saver" in tty.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--inject", "ingest=fast"], "not a duration"),
+        (["--inject", "speed=1"], "unknown key"),
+        (["--sweep-param", "colour=1,2"], "NAME one of batch_size"),
+        (["--sweep-param", "batch_size=0"], "must be at least 1"),
+        (["--memory-bound-bytes", "lots"], "not a size"),
+        (["--cluster-uri", "https://x.kusto.windows.net"], "--cluster-uri needs --database"),
+        (["--json", "/no/such/dir/r.json"], "no such directory"),
+        (["-o", "durability=sometimes"], "durability must be one of"),
+        (["--report", "nope"], "invalid choice"),
+        (["--fanout", "0"], "must be at least 1"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.execute(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not os.environ.get("KUSTO_LOADTEST_POSTGRES_URL"),
+    reason="set KUSTO_LOADTEST_POSTGRES_URL (e.g. postgresql://user:pw@localhost/db) to run the Postgres baseline",
+)
+def test_postgres_baseline_runs_with_its_setup() -> None:
+    url = os.environ["KUSTO_LOADTEST_POSTGRES_URL"]
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--postgres-url", url, "-q"])
+    assert code == 0, text
+    pg = res["results"]["postgres"]
+    assert pg["verification"]["ok"] == 3 and pg["latency_ms"]["aput"]["count"] == 6
+    assert "AsyncPostgresSaver" in text and "ours vs AsyncPostgresSaver" in text
+    assert ":pg@" not in json.dumps(pg["store"]) or "***" in json.dumps(pg["store"])
+
+
+def test_config_rejects_a_store_with_a_cluster() -> None:
+    cfg = runner.LoadTestConfig(cluster_uri="https://x", database="d", store="f.duckdb")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        cfg.validate()
+
+
+def test_fsync_counter_is_found_wherever_the_engine_reports_it() -> None:
+    assert reports.fsync_count({"rows_in": 3, "restarts": {"batcher": 0}}) is None
+    assert reports.fsync_count({"fsyncs": 12}) == 12
+    assert reports.fsync_count({"spool": {"bytes": 5, "fsync_count": 7}}) == 7
