@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from ...telemetry.instruments import add_link
 from ..actor import Actor
 from ..messages import Accept, Batch, Drain, Flush, IngestBatch, Put, Tick, Ticket
 
@@ -29,6 +30,7 @@ class TableBuffer:
     tickets: list[Ticket] = field(default_factory=list)
     nbytes: int = 0
     oldest: float = 0.0
+    links: Any = None
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Batcher(Actor):
                 buf.oldest = now
             buf.rows.append(row)
             buf.seqs.append(seq)
+            if msg.trace is not None:
+                buf.links = add_link(buf.links, msg.trace)
             if msg.ticket is not None:
                 buf.tickets.append(msg.ticket)
             buf.nbytes += nbytes
@@ -118,6 +122,7 @@ class Batcher(Actor):
             seqs=buf.seqs,
             tickets=buf.tickets,
             nbytes=buf.nbytes,
+            links=buf.links,
         )
         st.next_batch_id += 1
         st.buffers[table] = TableBuffer()

@@ -327,11 +327,11 @@ class QueryCache(Actor):
                 ):
                     self.views.move_to_end(key)
                     self.state.hits += 1
-                    inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "hit"}))
+                    inst.cache_requests.add(1, inst.bound(names.CACHE_RESULT, names.CACHE_HIT))
                     msg.reply.set(self._bundle_from_view(view))  # type: ignore[union-attr]
                     return
         self.state.misses += 1
-        inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "miss"}))
+        inst.cache_requests.add(1, inst.bound(names.CACHE_RESULT, names.CACHE_MISS))
         self.state.reads[id(msg)] = msg
         self._spawn(msg, 1, None)
 
@@ -365,13 +365,17 @@ class QueryCache(Actor):
                         limit = None
                     text = kql.checkpoints_query(limit, spec.with_values)
                     params = kql.checkpoints_params(spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id)
-                    rows = await retrying(rt.config, lambda: rt.backend.query(text, params))
+                    rows = await rt.instruments.query(
+                        msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
+                    )
                     make = checkpoint_from_row if spec.with_values else _header
                     result = [make(r) for r in rows]
                     if spec.before is not None:
                         result = [r for r in result if r.checkpoint_id < spec.before]
                 else:
-                    rows = await retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
+                    rows = await rt.instruments.query(
+                        msg.trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
+                    )
                     result = (carry[0], values_from_rows(rows))
         except Exception as exc:  # noqa: BLE001 - failed back to the reader
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
