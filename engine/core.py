@@ -327,6 +327,9 @@ class Engine:
         ov: Overlay = self._states["cache"]
         inst.register_gauge(names.OVERLAY_ROWS, lambda: [(len(ov.by_seq), {})])
         inst.register_gauge(names.OVERLAY_BYTES, lambda: [(ov.nbytes, {})])
+        inst.register_gauge(names.CACHE_REQUESTS, lambda: [
+            (ov.hits, {names.CACHE_RESULT: names.CACHE_HIT}), (ov.misses, {names.CACHE_RESULT: names.CACHE_MISS})
+        ])
         dl: DeleterState = self._states["deleter"]
         inst.register_gauge(
             names.TOMBSTONES_PENDING, lambda: [(sum(len(t) for t, _ in dl.pending) + len(dl.ready), {})]

@@ -1,7 +1,7 @@
 """The messages actors exchange. Plain data: strings, bytes, records, reply slots.
 
 A message a caller sends on behalf of a saver call (``Put``, ``Read``, the deletes)
-carries ``trace``: the span context of the caller's span when that span is recording
+carries ``trace``: the caller's OpenTelemetry context when its span is recording
 (an SDK is configured and sampled it), else None. It is taken in the constructor,
 which runs in the sender's task, so it crosses the mailbox with the message: the
 receiving actor's work becomes a child span of the call (:mod:`..actor`), a backend
@@ -79,7 +79,7 @@ class Batch:
     tickets: list[Ticket]
     nbytes: int
     attempts: int = 0
-    #: span contexts of the traced puts whose rows this batch carries (telemetry.Links)
+    #: the traced puts whose rows this batch carries (telemetry.Links), for span links
     links: Any = None
 
 

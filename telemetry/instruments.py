@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from . import names
 
@@ -55,7 +55,7 @@ class _MeterInstruments:
     def __init__(self, meter_provider: metrics.MeterProvider | None) -> None:
         meter = metrics.get_meter(names.METER_NAME, meter_provider=meter_provider)
         self.lock = threading.Lock()
-        #: gauge name -> (owner id, reader) for every engine that reports it
+        #: observable instrument name -> (owner id, reader) for every engine that reports it
         self.gauges: dict[str, list[tuple[int, GaugeReader]]] = {}
         self.operation_duration = meter.create_histogram(
             names.OPERATION_DURATION, unit="s",
@@ -97,8 +97,10 @@ class _MeterInstruments:
             description="Time a put spent blocked on the batcher's full mailbox",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
         )
-        self.cache_requests = meter.create_counter(
-            names.CACHE_REQUESTS, unit="{request}",
+        # counted by the engine anyway: observed at collection, nothing on the read path
+        self.gauges[names.CACHE_REQUESTS] = []
+        meter.create_observable_counter(
+            names.CACHE_REQUESTS, callbacks=[self._observer(names.CACHE_REQUESTS)], unit="{request}",
             description="Reads answered by the query cache (hit) or sent to the backend (miss)",
         )
         self.visibility_lag = meter.create_histogram(
@@ -141,42 +143,73 @@ def _instruments_of(meter_provider: metrics.MeterProvider | None) -> _MeterInstr
         return found
 
 
-def capture() -> SpanContext | None:
-    """The current span's context if it is recording (carried by messages); else None."""
-    span = trace.get_current_span()
-    return span.get_span_context() if span.is_recording() else None
+def capture() -> otel_context.Context | None:
+    """The current OpenTelemetry context if its span is recording, else None.
 
-
-def _parent(span_context: SpanContext) -> otel_context.Context:
-    return trace.set_span_in_context(NonRecordingSpan(span_context), otel_context.Context())
+    Messages carry it across mailboxes: it is the parent of the actor's span and of
+    backend calls, and the source of an ingest span's links. Taking the context
+    object itself (not a copy) makes this an attribute lookup, no allocation.
+    """
+    ctx = otel_context.get_current()
+    return ctx if trace.get_current_span(ctx).is_recording() else None
 
 
 class Links:
-    """Span contexts of the puts one batch carries: at most MAX_LINKS, the rest counted."""
+    """The traced puts one batch carries: at most MAX_LINKS, the rest counted."""
 
     __slots__ = ("contexts", "dropped", "_last")
 
     def __init__(self) -> None:
-        self.contexts: list[SpanContext] = []
+        self.contexts: list[otel_context.Context] = []
         self.dropped = 0
-        self._last: SpanContext | None = None
+        self._last: otel_context.Context | None = None
 
-    def add(self, span_context: SpanContext) -> None:
-        if span_context is self._last:  # several rows of one put
+    def add(self, ctx: otel_context.Context) -> None:
+        if ctx is self._last:  # several rows of one put
             return
-        self._last = span_context
+        self._last = ctx
         if len(self.contexts) < names.MAX_LINKS:
-            self.contexts.append(span_context)
+            self.contexts.append(ctx)
         else:
             self.dropped += 1
 
+    def links(self) -> list[Link]:
+        return [Link(trace.get_current_span(c).get_span_context()) for c in self.contexts]
 
-def add_link(links: Links | None, span_context: SpanContext) -> Links:
-    """``links`` (created on first use) with ``span_context`` added."""
+
+def add_link(links: Links | None, ctx: otel_context.Context) -> Links:
+    """``links`` (created on first use) with the put traced by ``ctx`` added."""
     if links is None:
         links = Links()
-    links.add(span_context)
+    links.add(ctx)
     return links
+
+
+class _ActorSpan:
+    """An actor's span over its work on one message, current while it runs (so the
+    messages it sends carry it). A class, not a generator: it runs per message."""
+
+    __slots__ = ("_tracer", "_name", "_parent", "_span", "_token")
+
+    def __init__(self, tracer: trace.Tracer, name: str, parent: otel_context.Context) -> None:
+        self._tracer = tracer
+        self._name = name
+        self._parent = parent
+
+    def __enter__(self) -> Any:
+        span = self._span = self._tracer.start_span(self._name, context=self._parent, kind=SpanKind.INTERNAL)
+        self._token = otel_context.attach(trace.set_span_in_context(span, self._parent))
+        return span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        otel_context.detach(self._token)
+        span = self._span
+        if exc is not None:
+            span.set_attribute(names.ERROR_TYPE, type(exc).__qualname__)
+            span.set_status(Status(StatusCode.ERROR, str(exc) or type(exc).__qualname__))
+            if isinstance(exc, Exception):
+                span.record_exception(exc)
+        span.end()
 
 
 class Instruments:
@@ -199,6 +232,7 @@ class Instruments:
         if server_address:
             self.base_attrs[names.SERVER_ADDRESS] = server_address
         self._bound: dict[tuple[Any, ...], dict[str, Any]] = {(): self.base_attrs}
+        self._span_names: dict[tuple[str, type], str] = {}
         self.operation_duration = shared.operation_duration
         self.batch_rows = shared.batch_rows
         self.batch_bytes = shared.batch_bytes
@@ -208,7 +242,6 @@ class Instruments:
         self.query_duration = shared.query_duration
         self.actor_restarts = shared.actor_restarts
         self.backpressure_wait = shared.backpressure_wait
-        self.cache_requests = shared.cache_requests
         self.visibility_lag = shared.visibility_lag
 
     @classmethod
@@ -301,17 +334,13 @@ class Instruments:
         self.operation_duration.record(time.perf_counter() - started, attrs)
         return result
 
-    @contextmanager
-    def actor_span(self, actor: str, message: Any, parent: SpanContext) -> Iterator[Any]:
-        """The span of an actor's work on a message sent from the span ``parent``."""
-        kind = type(message).__name__
-        with self.tracer.start_as_current_span(
-            names.actor_span_name(actor, kind),
-            context=_parent(parent),
-            kind=SpanKind.INTERNAL,
-            attributes=self.bound(names.ACTOR, actor, names.MESSAGE, kind),
-        ) as span:
-            yield span
+    def actor_span(self, actor: str, message: Any, parent: otel_context.Context) -> _ActorSpan:
+        """The span of an actor's work on a message sent from the context ``parent``."""
+        key = (actor, type(message))
+        name = self._span_names.get(key)
+        if name is None:
+            name = self._span_names[key] = names.actor_span_name(actor, type(message).__name__)
+        return _ActorSpan(self.tracer, name, parent)
 
     @contextmanager
     def ingest_span(self, table: str, nrows: int, links: Links | None) -> Iterator[Any]:
@@ -322,7 +351,7 @@ class Instruments:
         }
         span_links = None
         if links is not None:
-            span_links = [Link(c) for c in links.contexts]
+            span_links = links.links()
             if links.dropped:
                 attrs[names.LINKS_DROPPED] = links.dropped
         with self.tracer.start_as_current_span(
@@ -334,7 +363,7 @@ class Instruments:
         ) as span:
             yield span
 
-    async def query(self, parent: SpanContext | None, stage: str, call: Awaitable[T]) -> T:
+    async def query(self, parent: otel_context.Context | None, stage: str, call: Awaitable[T]) -> T:
         """Await one backend query of a read: its duration, and its span under ``parent``."""
         started = time.perf_counter()
         outcome = names.OUTCOME_OK
@@ -347,9 +376,7 @@ class Instruments:
                 if collection
                 else self.bound(names.DB_OPERATION_NAME, names.OP_QUERY)
             )
-            with self.tracer.start_as_current_span(
-                stage, context=_parent(parent), kind=SpanKind.CLIENT, attributes=attrs
-            ):
+            with self.tracer.start_as_current_span(stage, context=parent, kind=SpanKind.CLIENT, attributes=attrs):
                 return await call
         except BaseException:
             outcome = names.OUTCOME_FAILED

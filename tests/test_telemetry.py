@@ -202,8 +202,8 @@ async def test_cache_hits_and_misses_are_counted(otel: Otel) -> None:
         for _ in range(4):
             assert await saver.aget_tuple(cfg) is not None  # hits: the view is current
         stats = saver.engine.stats()
-    assert otel.total(names.CACHE_REQUESTS, **{names.CACHE_RESULT: names.CACHE_MISS}) == stats["cache_misses"] == 1
-    assert otel.total(names.CACHE_REQUESTS, **{names.CACHE_RESULT: names.CACHE_HIT}) == stats["cache_hits"] == 4
+        assert otel.total(names.CACHE_REQUESTS, **{names.CACHE_RESULT: names.CACHE_MISS}) == stats["cache_misses"] == 1
+        assert otel.total(names.CACHE_REQUESTS, **{names.CACHE_RESULT: names.CACHE_HIT}) == stats["cache_hits"] == 4
     assert otel.count(names.QUERY_DURATION, **{names.OUTCOME: names.OUTCOME_OK}) >= 1
 
 

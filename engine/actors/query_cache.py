@@ -316,7 +316,6 @@ class QueryCache(Actor):
 
     async def _read(self, msg: Read) -> None:
         spec = msg.spec
-        inst = self.runtime.instruments
         if spec.latest and spec.thread_ids is not None and spec.checkpoint_ns is not None:
             key = (spec.thread_ids[0], spec.checkpoint_ns)
             view = self.views.get(key)
@@ -327,11 +326,9 @@ class QueryCache(Actor):
                 ):
                     self.views.move_to_end(key)
                     self.state.hits += 1
-                    inst.cache_requests.add(1, inst.bound(names.CACHE_RESULT, names.CACHE_HIT))
                     msg.reply.set(self._bundle_from_view(view))  # type: ignore[union-attr]
                     return
         self.state.misses += 1
-        inst.cache_requests.add(1, inst.bound(names.CACHE_RESULT, names.CACHE_MISS))
         self.state.reads[id(msg)] = msg
         self._spawn(msg, 1, None)
 
