@@ -74,6 +74,7 @@ def configure_telemetry(
     prometheus_port: int | None = None,
     prometheus_host: str = "127.0.0.1",
     export_interval: float = 10.0,
+    trace_sample_ratio: float = 1.0,
     resource_attributes: dict[str, Any] | None = None,
     set_global: bool = True,
 ) -> TelemetryHandle:
@@ -87,10 +88,16 @@ def configure_telemetry(
       ``prometheus_host:prometheus_port`` (``0`` picks a free port; see
       :attr:`TelemetryHandle.prometheus_address`).
     * ``export_interval``: seconds between metric pushes (console, OTLP).
+    * ``trace_sample_ratio``: fraction of traces recorded (``ParentBased(TraceIdRatioBased)``:
+      a call inside a sampled host span is always recorded). Every recorded span costs
+      the SDK's span price (see the README's overhead figures); 0.1 keeps traces
+      representative at a fraction of it. Metrics are not sampled.
     * ``set_global``: install the providers as OpenTelemetry's global ones (what the
       saver uses by default; OpenTelemetry allows this once per process). With
       ``False``, pass ``handle.meter_provider`` / ``handle.tracer_provider`` to the saver.
     """
+    if not 0.0 <= trace_sample_ratio <= 1.0:
+        raise ValueError(f"trace_sample_ratio must be within [0, 1], got {trace_sample_ratio!r}")
     try:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
@@ -139,7 +146,12 @@ def configure_telemetry(
         server, thread = start_http_server(prometheus_port, addr=prometheus_host, registry=registry)
         address = (prometheus_host, server.server_address[1])
 
-    tracer_provider = TracerProvider(resource=resource)
+    if trace_sample_ratio < 1.0:
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        tracer_provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(trace_sample_ratio)))
+    else:
+        tracer_provider = TracerProvider(resource=resource)
     for processor in span_processors:
         tracer_provider.add_span_processor(processor)
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)

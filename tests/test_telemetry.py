@@ -489,3 +489,17 @@ def test_otlp_export_posts_protobuf_to_the_endpoint() -> None:
             }
     assert {"put", "put_writes", "get_tuple", "batcher Put", "ingest Checkpoints"} <= span_names
     assert {names.OPERATION_DURATION, names.BATCH_ROWS, names.INGEST_DURATION} <= metric_names
+
+
+def test_trace_sample_ratio_samples_traces_not_metrics() -> None:
+    out = io.StringIO()
+    handle = configure_telemetry(console=out, trace_sample_ratio=0.0, set_global=False, export_interval=60)
+    try:
+        anyio.run(_some_traffic, handle)
+    finally:
+        handle.shutdown()
+    text = out.getvalue()
+    assert '"name": "put"' not in text  # no span recorded...
+    assert names.OPERATION_DURATION in text  # ...every metric still is
+    with pytest.raises(ValueError, match="trace_sample_ratio"):
+        configure_telemetry(trace_sample_ratio=2.0, set_global=False)
