@@ -174,15 +174,15 @@ class Engine:
         mailbox = rt.mailboxes["batcher"]
         try:
             with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
-                if mailbox.depth() >= mailbox.size:
+                try:
+                    mailbox.send_nowait(msg)
+                except (anyio.WouldBlock, EngineClosedError):  # full: wait (the backpressure), timed
                     started = time.perf_counter()
                     await self._send(rt, "batcher", msg)
                     inst = self.instruments
                     inst.backpressure_wait.record(
-                        time.perf_counter() - started, inst.attrs(**{names.DB_OPERATION_NAME: operation})
+                        time.perf_counter() - started, inst.bound(names.DB_OPERATION_NAME, operation)
                     )
-                else:
-                    await self._send(rt, "batcher", msg)
                 await msg.reply.wait()  # type: ignore[union-attr]
                 if ingested is not None:
                     await ingested.wait()

@@ -69,6 +69,13 @@ CACHE_REQUESTS = "kusto_checkpoint.cache.requests"
 VISIBILITY_LAG = "kusto_checkpoint.visibility.lag"
 TOMBSTONES_PENDING = "kusto_checkpoint.tombstones.pending"
 
+#: every metric, in the README table's order
+METRICS = (
+    OPERATION_DURATION, MAILBOX_DEPTH, MAILBOX_CAPACITY, BATCH_ROWS, BATCH_BYTES, INGEST_DURATION,
+    INGEST_BATCHES, INGEST_RETRIES, QUERY_DURATION, ACTOR_RESTARTS, BACKPRESSURE_WAIT, BUFFERED_BYTES,
+    OVERLAY_ROWS, OVERLAY_BYTES, CACHE_REQUESTS, VISIBILITY_LAG, TOMBSTONES_PENDING,
+)
+
 # -- spans -------------------------------------------------------------------------
 #
 # * one span per saver call, named after the method (``db.operation.name``: ``put``,

@@ -179,16 +179,18 @@ async def test_stalled_backend_raises_the_backpressure_wait(otel: Otel) -> None:
             for i in range(60):
                 tg.start_soon(writer, i)
             await anyio.sleep(stall)
-            # while stalled: the mailbox is full, senders are blocked, the gauges show it
-            depth = otel.points(names.MAILBOX_DEPTH, **{names.ACTOR: "batcher"})
-            capacity = otel.points(names.MAILBOX_CAPACITY, **{names.ACTOR: "batcher"})
-            assert depth[0].value == capacity[0].value == 8
-            assert otel.points(names.BUFFERED_BYTES)[0].value > 0
-            assert otel.count(names.BACKPRESSURE_WAIT) == 0  # recorded when a blocked put gets in
-            backend.resume()
+            try:
+                # while stalled: the mailbox is full, senders are blocked, the gauges show it
+                depth = otel.points(names.MAILBOX_DEPTH, **{names.ACTOR: "batcher"})
+                capacity = otel.points(names.MAILBOX_CAPACITY, **{names.ACTOR: "batcher"})
+                assert (depth[0].value, capacity[0].value) == (8, 8)
+                assert otel.points(names.BUFFERED_BYTES)[0].value > 0
+                during = otel.count(names.BACKPRESSURE_WAIT)  # a blocked put is recorded when it gets in
+            finally:
+                backend.resume()
         await saver.flush()
     waited = otel.points(names.BACKPRESSURE_WAIT, **{names.DB_OPERATION_NAME: "put"})
-    assert sum(p.count for p in waited) > 0
+    assert sum(p.count for p in waited) > during
     assert max(p.max for p in waited) >= stall * 0.8
 
 
@@ -503,3 +505,33 @@ def test_trace_sample_ratio_samples_traces_not_metrics() -> None:
     assert names.OPERATION_DURATION in text  # ...every metric still is
     with pytest.raises(ValueError, match="trace_sample_ratio"):
         configure_telemetry(trace_sample_ratio=2.0, set_global=False)
+
+
+def test_every_metric_is_in_the_readme_table_and_reported(otel: Otel) -> None:
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `([\w.]+)` \| (histogram|counter|gauge) \|", readme, re.M)
+    assert [name for name, _ in rows] == list(names.METRICS)
+    # and each one is a real instrument of that kind (created by the saver's Instruments)
+    kinds = {"Histogram": "histogram", "Sum": "counter", "Gauge": "gauge"}
+
+    async def run() -> None:
+        saver, _ = saver_on(otel)
+        async with saver:
+            await put_chain(saver, "t", 1)
+            await saver.flush()
+            data = otel.reader.get_metrics_data()
+            seen = {
+                m.name: kinds[type(m.data).__name__]
+                for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            }
+        for name, kind in rows:
+            if name in seen:  # counters appear with their first increment
+                assert seen[name] == kind, name
+        assert len(seen) >= 13
+
+    anyio.run(run)
+    for span in ("`ingest <Table>`", "`batcher Put`", "`cache Read`", "`query Checkpoints`", "`deleter DeleteThreads`"):
+        assert span in readme, span
