@@ -535,3 +535,20 @@ def test_every_metric_is_in_the_readme_table_and_reported(otel: Otel) -> None:
     anyio.run(run)
     for span in ("`ingest <Table>`", "`batcher Put`", "`cache Read`", "`query Checkpoints`", "`deleter DeleteThreads`"):
         assert span in readme, span
+
+
+def test_kusto_backend_attributes_follow_the_conventions() -> None:
+    from langgraph.checkpoint.kusto.telemetry import Instruments
+
+    class Cluster:
+        name = "kusto"
+        database = "agents"
+        cluster_uri = "https://mycluster.westeurope.kusto.windows.net"
+
+    inst = Instruments.for_backend(Cluster())
+    assert inst.base_attrs == {
+        names.DB_SYSTEM_NAME: "azure.kusto",  # not in the registry: see names.py
+        names.DB_NAMESPACE: "agents",
+        names.SERVER_ADDRESS: "mycluster.westeurope.kusto.windows.net",
+    }
+    assert inst.bound(names.DB_OPERATION_NAME, "put") is inst.bound(names.DB_OPERATION_NAME, "put")
