@@ -57,7 +57,12 @@ class Actor:
                     self.in_hand = msg
                     if isinstance(msg, Crash):
                         raise InjectedCrash(f"injected crash in {self.name}")
-                    await self.handle(msg)
+                    parent = getattr(msg, "trace", None)  # set by a traced saver call
+                    if parent is None:
+                        await self.handle(msg)
+                    else:
+                        with self.runtime.instruments.actor_span(self.name, msg, parent):
+                            await self.handle(msg)
                     self.in_hand = None
                 await self.on_stop()
             finally:

@@ -196,7 +196,7 @@ class Engine:
                     await self._send(rt, "batcher", msg)
                     inst = self.instruments
                     inst.backpressure_wait.record(
-                        time.perf_counter() - started, inst.attrs(**{names.DB_OPERATION_NAME: operation})
+                        time.perf_counter() - started, inst.bound(names.DB_OPERATION_NAME, operation)
                     )
                     await msg.reply.wait()  # type: ignore[union-attr]
                 if ingested is not None:
@@ -342,6 +342,9 @@ class Engine:
         ov: Overlay = self._states["cache"]
         inst.register_gauge(names.OVERLAY_ROWS, lambda: [(len(ov.by_seq), {})])
         inst.register_gauge(names.OVERLAY_BYTES, lambda: [(ov.nbytes, {})])
+        inst.register_gauge(names.CACHE_REQUESTS, lambda: [
+            (ov.hits, {names.CACHE_RESULT: names.CACHE_HIT}), (ov.misses, {names.CACHE_RESULT: names.CACHE_MISS})
+        ])
         dl: DeleterState = self._states["deleter"]
         inst.register_gauge(
             names.TOMBSTONES_PENDING, lambda: [(sum(len(t) for t, _ in dl.pending) + len(dl.ready), {})]

@@ -1,10 +1,19 @@
-"""The messages actors exchange. Plain data: strings, bytes, records, reply slots."""
+"""The messages actors exchange. Plain data: strings, bytes, records, reply slots.
+
+A message a caller sends on behalf of a saver call (``Put``, ``Read``, the deletes)
+carries ``trace``: the caller's OpenTelemetry context when its span is recording
+(an SDK is configured and sampled it), else None. It is taken in the constructor,
+which runs in the sender's task, so it crosses the mailbox with the message: the
+receiving actor's work becomes a child span of the call (:mod:`..actor`), a backend
+query a child span of the read, and a batch's ingest span links to its puts' spans.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..telemetry.instruments import capture
 from .mailbox import Message, Reply
 from .records import Record
 
@@ -28,7 +37,7 @@ class Ticket:
 
 
 class Put(Message):
-    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "accepted")
+    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "accepted", "trace")
 
     def __init__(
         self,
@@ -48,6 +57,7 @@ class Put(Message):
         self.update_views = update_views
         #: the sender already handed the records to the query cache (fast path)
         self.accepted = False
+        self.trace = capture()
 
 
 class Flush(Message):
@@ -71,6 +81,8 @@ class Batch:
     tickets: list[Ticket]
     nbytes: int
     attempts: int = 0
+    #: the traced puts whose rows this batch carries (telemetry.Links), for span links
+    links: Any = None
 
 
 class IngestBatch(Message):
@@ -123,11 +135,12 @@ class ReadSpec:
 
 
 class Read(Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "trace")
 
     def __init__(self, spec: ReadSpec, reply: Reply[Any]) -> None:
         super().__init__(reply)
         self.spec = spec
+        self.trace = capture()
 
 
 class QueryDone(Message):
@@ -146,35 +159,39 @@ class QueryDone(Message):
 
 
 class DeleteThreads(Message):
-    __slots__ = ("thread_ids",)
+    __slots__ = ("thread_ids", "trace")
 
     def __init__(self, thread_ids: list[str], reply: Reply[Any]) -> None:
         super().__init__(reply)
+        self.trace = capture()
         self.thread_ids = thread_ids
 
 
 class DeleteRuns(Message):
-    __slots__ = ("run_ids",)
+    __slots__ = ("run_ids", "trace")
 
     def __init__(self, run_ids: list[str], reply: Reply[Any]) -> None:
         super().__init__(reply)
+        self.trace = capture()
         self.run_ids = run_ids
 
 
 class Prune(Message):
-    __slots__ = ("thread_ids", "strategy")
+    __slots__ = ("thread_ids", "strategy", "trace")
 
     def __init__(self, thread_ids: list[str], strategy: str, reply: Reply[Any]) -> None:
         super().__init__(reply)
+        self.trace = capture()
         self.thread_ids = thread_ids
         self.strategy = strategy
 
 
 class CopyThread(Message):
-    __slots__ = ("source", "target")
+    __slots__ = ("source", "target", "trace")
 
     def __init__(self, source: str, target: str, reply: Reply[Any]) -> None:
         super().__init__(reply)
+        self.trace = capture()
         self.source = source
         self.target = target
 

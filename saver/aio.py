@@ -9,6 +9,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from .base import KustoSaverBase
+from .telemetry.instruments import carry_context
 
 
 class AsyncKustoSaver(KustoSaverBase):
@@ -73,6 +74,7 @@ class AsyncKustoSaver(KustoSaverBase):
         try:
             anyio.lowlevel.current_token()
         except Exception:  # noqa: BLE001 - no loop in this thread: the expected case
+            fn, args = carry_context(fn, args)
             return anyio.from_thread.run(fn, *args, token=self._token)
         raise RuntimeError(
             "synchronous calls on AsyncKustoSaver are only allowed from a thread other than "

@@ -4,7 +4,6 @@ that run in the event loop hosting the engine."""
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from .rows import (
     ids_of,
     metadata_matches,
 )
-from .telemetry import Instruments, names
+from .telemetry import Instruments
 
 PRUNE_STRATEGIES = ("keep_latest", "delete")
 
@@ -55,13 +54,19 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         backend: Backend,
         *,
         serde: SerializerProtocol | None = None,
+        meter_provider: Any = None,
+        tracer_provider: Any = None,
         **options: Any,
     ) -> None:
+        """``meter_provider`` / ``tracer_provider``: OpenTelemetry providers to report to
+        (default: the global ones, i.e. the host's SDK, or no-op without one)."""
         super().__init__(serde=serde)
         self.options = EngineConfig.from_options(**options)
         self.backend = backend
-        self.engine = Engine(backend, self.options)
-        self._inst: Instruments = self.engine.instruments
+        self._inst = Instruments.for_backend(
+            backend, meter_provider=meter_provider, tracer_provider=tracer_provider
+        )
+        self.engine = Engine(backend, self.options, instruments=self._inst)
 
     # -- LangGraph's version scheme (the same as the Postgres saver's) ------
 
@@ -76,28 +81,9 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
 
     # -- telemetry around every saver call ---------------------------------
 
-    def _span(self, op: str, **attrs: Any) -> Any:
-        return self._inst.tracer.start_as_current_span(
-            op, attributes=self._inst.attrs(**{names.DB_OPERATION_NAME: op}, **attrs)
-        )
-
-    def _done(self, op: str, started: float, error: BaseException | None = None) -> None:
-        attrs = {names.DB_OPERATION_NAME: op}
-        if error is not None:
-            attrs[names.ERROR_TYPE] = type(error).__name__
-        self._inst.operation_duration.record(time.perf_counter() - started, self._inst.attrs(**attrs))
-
     async def _timed(self, op: str, fn: Any, *args: Any) -> Any:
         """Run one saver operation inside its span and record its duration."""
-        started = time.perf_counter()
-        with self._span(op):
-            try:
-                result = await fn(*args)
-            except BaseException as exc:
-                self._done(op, started, exc)
-                raise
-        self._done(op, started)
-        return result
+        return await self._inst.timed(op, fn, *args)
 
     # -- the operations, as coroutines in the engine's loop ------------------
 

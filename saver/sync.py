@@ -11,6 +11,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .base import KustoSaverBase
 from .engine.backends.base import Backend
+from .telemetry.instruments import carry_context
 
 
 class KustoSaver(KustoSaverBase):
@@ -100,6 +101,7 @@ class KustoSaver(KustoSaverBase):
         portal = self._portal
         if portal is None:
             raise RuntimeError("KustoSaver is not open: enter it with `with` first")
+        fn, args = carry_context(fn, args)
         return portal.call(fn, *args)
 
     async def _in_loop(self, fn: Any, *args: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 
+from ...telemetry.instruments import add_link
 from ..actor import Actor
 from ..messages import Accept, Batch, Drain, Flush, IngestBatch, Put, Tick, Ticket
 
@@ -30,6 +31,7 @@ class TableBuffer:
     tickets: list[Ticket] = field(default_factory=list)
     nbytes: int = 0
     oldest: float = 0.0
+    links: Any = None
 
 
 @dataclass
@@ -85,6 +87,8 @@ class Batcher(Actor):
                 buf.oldest = now
             buf.rows.append(row)
             buf.seqs.append(seq)
+            if msg.trace is not None:
+                buf.links = add_link(buf.links, msg.trace)
             if msg.ticket is not None:
                 buf.tickets.append(msg.ticket)
             buf.nbytes += nbytes
@@ -120,6 +124,7 @@ class Batcher(Actor):
             seqs=buf.seqs,
             tickets=buf.tickets,
             nbytes=buf.nbytes,
+            links=buf.links,
         )
         st.next_batch_id += 1
         st.buffers[table] = TableBuffer()

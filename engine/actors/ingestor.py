@@ -92,10 +92,7 @@ class Ingestor(Actor):
             inst.ingest_retries.add(1, inst.attrs(**{names.TABLE: batch.table}))
 
         try:
-            with inst.tracer.start_as_current_span(
-                f"ingest {batch.table}",
-                attributes=inst.attrs(**{names.TABLE: batch.table, "kusto_checkpoint.batch.rows": len(batch.rows)}),
-            ):
+            with inst.ingest_span(batch.table, len(batch.rows), batch.links):
                 await retrying(cfg, lambda: rt.backend.ingest(batch.table, batch.rows), count_retry)
         except Exception as exc:  # noqa: BLE001 - reported to every waiter below
             why = f"after {cfg.max_retries} retries" if isinstance(exc, TransientBackendError) else "(not retryable)"

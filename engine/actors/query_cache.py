@@ -329,7 +329,6 @@ class QueryCache(Actor):
 
     async def _read(self, msg: Read) -> None:
         spec = msg.spec
-        inst = self.runtime.instruments
         if spec.latest and spec.thread_ids is not None and spec.checkpoint_ns is not None:
             key = (spec.thread_ids[0], spec.checkpoint_ns)
             view = self.views.get(key)
@@ -340,11 +339,9 @@ class QueryCache(Actor):
                 ):
                     self.views.move_to_end(key)
                     self.state.hits += 1
-                    inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "hit"}))
                     msg.reply.set(self._bundle_from_view(view))  # type: ignore[union-attr]
                     return
         self.state.misses += 1
-        inst.cache_requests.add(1, inst.attrs(**{names.CACHE_RESULT: "miss"}))
         self.state.reads[id(msg)] = msg
         if (
             spec.latest and spec.checkpoint_id is None and spec.thread_ids is not None
@@ -402,13 +399,17 @@ class QueryCache(Actor):
                         limit = None
                     text = kql.checkpoints_query(limit, spec.with_values)
                     params = kql.checkpoints_params(spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id)
-                    rows = await retrying(rt.config, lambda: rt.backend.query(text, params))
+                    rows = await rt.instruments.query(
+                        msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
+                    )
                     make = checkpoint_from_row if spec.with_values else _header
                     result = [make(r) for r in rows]
                     if spec.before is not None:
                         result = [r for r in result if r.checkpoint_id < spec.before]
                 else:
-                    rows = await retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
+                    rows = await rt.instruments.query(
+                        msg.trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
+                    )
                     result = (carry[0], _indexed(values_from_rows(rows)), carry[2])
         except Exception as exc:  # noqa: BLE001 - failed back to the reader
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
@@ -428,7 +429,10 @@ class QueryCache(Actor):
                     del self._waiting[ns]  # reads arriving from now on start the next batch
                 tids = sorted({r.spec.thread_ids[0] for r in batch.reads})  # type: ignore[index]
                 params = kql.checkpoints_params(tuple(tids), ns, None)
-                rows = await retrying(rt.config, lambda: rt.backend.query(kql.latest_query(), params))
+                rows = await rt.instruments.query(
+                    batch.reads[0].trace, names.SPAN_QUERY_CHECKPOINTS,
+                    retrying(rt.config, lambda: rt.backend.query(kql.latest_query(), params)),
+                )
                 result = [checkpoint_from_row(r) for r in rows]
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
@@ -502,7 +506,10 @@ class QueryCache(Actor):
             limiter = rt.query_limiter
             assert limiter is not None
             async with limiter:
-                rows = await retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, params))
+                rows = await rt.instruments.query(
+                    batch.items[0][0].trace, names.SPAN_QUERY_VALUES,
+                    retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, params)),
+                )
                 result = _indexed(values_from_rows(rows))
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
