@@ -232,21 +232,9 @@ class TelemetryProbe:
         self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
         self.result: dict[str, Any] = {}
 
-    def attach(self, saver: Any) -> str:
-        """Give ``saver`` instruments built on these providers; returns how."""
-        from langgraph.checkpoint.kusto.telemetry import Instruments
-
-        inst = Instruments(
-            db_system=getattr(saver.backend, "name", "kusto"),
-            db_namespace=getattr(saver.backend, "database", "") or "",
-            meter_provider=self.meter_provider,
-            tracer_provider=self.tracer_provider,
-        )
-        # No public hook yet: the saver builds its Engine's Instruments from the global
-        # providers. Replace them before the engine starts (see the README's load-test notes).
-        saver.engine.instruments = inst
-        saver._inst = inst
-        return "instruments replaced before the engine started"
+    def saver_options(self) -> dict[str, Any]:
+        """The saver's own telemetry arguments: report to these providers."""
+        return {"meter_provider": self.meter_provider, "tracer_provider": self.tracer_provider}
 
     def collect(self) -> dict[str, Any]:
         data = self.reader.get_metrics_data()
@@ -309,10 +297,10 @@ class KustoTarget(Target):
         assert self.path is not None
         return EmbeddedBackend(self.path)
 
-    def _saver(self, backend: Any) -> Any:
+    def _saver(self, backend: Any, **extra: Any) -> Any:
         from langgraph.checkpoint.kusto import AsyncKustoSaver
 
-        opts = dict(self.options)
+        opts = {**self.options, **extra}
         if self.cfg.cluster_uri and self.cfg.ingest_mode != "streaming":
             opts.setdefault("visibility_delay", 120.0)
         return AsyncKustoSaver(backend, **opts)
@@ -323,11 +311,11 @@ class KustoTarget(Target):
             self.faulty = (self.inject or InjectSpec()).wrap(backend)
             backend = self.faulty
         self.recording = backend = RecordingBackend(backend)
-        saver = self._saver(backend)
         if self.variant.telemetry:
             self.probe = TelemetryProbe()
-            self.telemetry_hook = self.probe.attach(saver)
-        return saver  # type: ignore[no-any-return]
+            self.telemetry_hook = "meter_provider= / tracer_provider= saver arguments"
+            return self._saver(backend, **self.probe.saver_options())  # type: ignore[no-any-return]
+        return self._saver(backend)  # type: ignore[no-any-return]
 
     def reader(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._saver(self._store_backend())  # type: ignore[no-any-return]
