@@ -28,7 +28,7 @@ class Ticket:
 
 
 class Put(Message):
-    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views")
+    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "spool")
 
     def __init__(
         self,
@@ -38,6 +38,7 @@ class Put(Message):
         reply: Reply[Any] | None,
         ticket: Ticket | None = None,
         update_views: bool = True,
+        spool: bytes | None = None,
     ) -> None:
         super().__init__(reply)
         self.records = records
@@ -46,6 +47,9 @@ class Put(Message):
         self.nbytes = nbytes
         self.ticket = ticket
         self.update_views = update_views
+        #: durability="spool": the records encoded for the spool (bytes), then, once
+        #: the batcher admitted the put, its spool entry; None: not spooled
+        self.spool: Any = spool
 
 
 class Flush(Message):

@@ -33,11 +33,17 @@ from ..messages import (
     Ticket,
 )
 from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, next_seq, now_us
+from ..spool import encode_records
 from ..schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, WRITES
 
 
-def make_put(runtime: Any, records: list[Record], reply: Any, *, ticket_reply: Any = None, update_views: bool = True) -> Put:
-    """Build a batcher ``Put`` from records (runs in the sender's task)."""
+def make_put(
+    runtime: Any, records: list[Record], reply: Any, *, ticket_reply: Any = None,
+    update_views: bool = True, spooled: bool = True,
+) -> Put:
+    """Build a batcher ``Put`` from records (runs in the sender's task).
+
+    ``spooled=False``: records replayed from the spool (they are on disk already)."""
     cell = runtime.config.cell_limit
     rows: list[tuple[str, dict[str, Any], int, int]] = []
     nbytes = 0
@@ -49,7 +55,9 @@ def make_put(runtime: Any, records: list[Record], reply: Any, *, ticket_reply: A
             rows.append((rec.table, row, rec.seq, size))
             nbytes += size
     ticket = Ticket(len(rows), ticket_reply) if ticket_reply is not None else None
-    return Put(records, rows, nbytes, reply, ticket, update_views)
+    spool = runtime.spool  # durability="spool": encode here, in the sender's task
+    payload = encode_records(records) if spool is not None and spooled else None
+    return Put(records, rows, nbytes, reply, ticket, update_views, payload)
 
 
 class Deleter(Actor):
