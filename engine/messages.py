@@ -193,3 +193,6 @@ class DeleterState:
     #: tombstones ingested, to compact physically
     ready: list[Any] = field(default_factory=list)
     compacted: int = 0
+    #: prune / copy_thread requests being worked on in child tasks, by id: a crash
+    #: cancels those tasks, and the next incarnation starts them again
+    running: dict[int, Any] = field(default_factory=dict)

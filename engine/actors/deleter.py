@@ -70,6 +70,15 @@ class Deleter(Actor):
         assert self.tg is not None
         if self.runtime.config.compaction_interval > 0:
             self.tg.start_soon(self._compaction_ticker)
+        # requests whose child task died with the previous incarnation: run them again
+        # (both are idempotent: a second tombstone or copy of a row reads as one)
+        for msg in list(self.state.running.values()):
+            self._start_op(msg)
+
+    def _start_op(self, msg: Prune | CopyThread) -> None:
+        assert self.tg is not None
+        self.state.running[id(msg)] = msg
+        self.tg.start_soon(self._prune if isinstance(msg, Prune) else self._copy, msg)
 
     async def handle(self, msg: Any) -> None:
         assert self.tg is not None
@@ -81,10 +90,8 @@ class Deleter(Actor):
             at = now_us()
             tombs = [TombstoneRec(SCOPE_RUN, run_id=r, deleted_at=at) for r in msg.run_ids]
             await self._write_tombstones(tombs, msg.reply)
-        elif isinstance(msg, Prune):
-            self.tg.start_soon(self._prune, msg)
-        elif isinstance(msg, CopyThread):
-            self.tg.start_soon(self._copy, msg)
+        elif isinstance(msg, (Prune, CopyThread)):
+            self._start_op(msg)
         elif isinstance(msg, Compact):
             if not self._compacting:
                 self._compacting = True
@@ -132,6 +139,7 @@ class Deleter(Actor):
             await self._write_tombstones(tombs, msg.reply)
         except Exception as exc:  # noqa: BLE001 - failed back to the caller
             msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"prune failed: {exc!r}"))
+        self.state.running.pop(id(msg), None)
 
     async def _copy(self, msg: CopyThread) -> None:
         try:
@@ -156,12 +164,13 @@ class Deleter(Actor):
                         msg.target, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.task_path, w.idx,
                         w.channel, w.payload_type, w.payload, at,
                     ))
-            if not records:
+            if records:
+                await self.runtime.mailbox("batcher").send(make_put(self.runtime, records, msg.reply, update_views=False))
+            else:
                 msg.reply.set(None)
-                return
-            await self.runtime.mailbox("batcher").send(make_put(self.runtime, records, msg.reply, update_views=False))
         except Exception as exc:  # noqa: BLE001 - failed back to the caller
             msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"copy_thread failed: {exc!r}"))
+        self.state.running.pop(id(msg), None)
 
     # -- compaction --------------------------------------------------------
 
