@@ -272,11 +272,13 @@ async def test_restart_intensity_exceeded_fails_every_caller_loudly() -> None:
             raise saver.engine.failed  # type: ignore[misc]
 
 
-async def test_backpressure_bounds_memory_while_the_backend_is_stalled() -> None:
+@pytest.mark.parametrize("durability", ["memory", "spool", "ingested"])
+async def test_backpressure_bounds_memory_while_the_backend_is_stalled(durability: str, tmp_path: Any) -> None:
     bound = 256 * 1024
     saver, backend = saver_on(
         max_buffered_bytes=bound, max_batch_bytes=32 * 1024, ingest_queue_size=2,
         ingest_concurrency=2, batch_size=50, mailbox_size=8, cell_limit=16 * 1024,
+        durability=durability, spool_dir=str(tmp_path / "spool"),
     )
     payload = "x" * 6000
     async with saver:
@@ -307,6 +309,32 @@ async def test_backpressure_bounds_memory_while_the_backend_is_stalled() -> None
         for i in range(0, 100, 7):
             assert len(await stored_ids(saver, f"t{i}")) == 5
         assert saver.engine.stats()["buffered_bytes"] == 0
+
+
+@pytest.mark.parametrize("durability", ["memory", "spool"])
+async def test_put_timeout_under_a_stalled_backend_then_every_accepted_row_lands(durability: str, tmp_path: Any) -> None:
+    saver, backend = saver_on(
+        path=str(tmp_path / "st.duckdb"), durability=durability, spool_dir=str(tmp_path / "spool"), put_timeout=0.2,
+        max_buffered_bytes=64 * 1024, max_batch_bytes=8 * 1024, ingest_queue_size=1, ingest_concurrency=1,
+        mailbox_size=2, cell_limit=8 * 1024,
+    )
+    accepted: list[str] = []
+    async with saver:
+        backend.stall()
+        with pytest.raises(TimeoutError, match="put_timeout=0.2"):
+            cfg: dict[str, Any] = {"configurable": {"thread_id": "s", "checkpoint_ns": ""}}
+            for step in range(200):
+                cp, versions = checkpoint(step, ["z" * 3000])
+                cfg = await saver.aput(cfg, cp, {}, versions)
+                accepted.append(cp["id"])
+        assert saver.engine.buffered_bytes() <= 64 * 1024
+        assert accepted and len(accepted) < 200
+        backend.resume()
+        await saver.flush()
+        ids = await stored_ids(saver, "s")
+        assert set(accepted) <= set(ids) and len(ids) == len(set(ids))
+    async with AsyncKustoSaver.embedded(str(tmp_path / "st.duckdb"), **FAST) as s:
+        assert set(accepted) <= set(await stored_ids(s, "s"))
 
 
 async def test_cancelled_put_applies_nothing_and_wedges_nothing() -> None:
@@ -421,6 +449,152 @@ async def test_bad_input_gives_clear_errors_and_the_engine_keeps_serving() -> No
         assert len(await stored_ids(saver, "t")) == 2
     with pytest.raises(EngineClosedError):
         await saver.aput({"configurable": {"thread_id": "t"}}, *checkpoint(0)[:1], {}, {})  # type: ignore[call-arg]
+
+
+def _bad_calls(saver: AsyncKustoSaver) -> list[tuple[str, type[BaseException], Any]]:
+    """(what, expected error, call) for malformed input through every entry point."""
+    cp, v = checkpoint(0)
+    base: dict[str, Any] = {"configurable": {"thread_id": "victim", "checkpoint_ns": ""}}
+    at = {"configurable": {"thread_id": "victim", "checkpoint_ns": "", "checkpoint_id": "c1"}}
+    return [
+        ("config None", ConfigError, lambda: saver.aput(None, cp, {}, v)),
+        ("config list", ConfigError, lambda: saver.aput([base], cp, {}, v)),
+        ("configurable str", ConfigError, lambda: saver.aput({"configurable": "victim"}, cp, {}, v)),
+        ("thread_id float", ConfigError, lambda: saver.aput({"configurable": {"thread_id": 1.5}}, cp, {}, v)),
+        ("thread_id bool", ConfigError, lambda: saver.aput({"configurable": {"thread_id": True}}, cp, {}, v)),
+        ("thread_id bytes", ConfigError, lambda: saver.aput({"configurable": {"thread_id": b"victim"}}, cp, {}, v)),
+        ("thread_id surrogate", ConfigError, lambda: saver.aput({"configurable": {"thread_id": "v\ud800"}}, cp, {}, v)),
+        ("checkpoint_ns int", ConfigError, lambda: saver.aput({"configurable": {"thread_id": "victim", "checkpoint_ns": 0}}, cp, {}, v)),
+        ("checkpoint_id dict", ConfigError, lambda: saver.aput({"configurable": {"thread_id": "victim", "checkpoint_id": {}}}, cp, {}, v)),
+        ("checkpoint None", ConfigError, lambda: saver.aput(base, None, {}, v)),
+        ("checkpoint without id", ConfigError, lambda: saver.aput(base, {"v": 1}, {}, v)),
+        ("new_versions list", ConfigError, lambda: saver.aput(base, cp, {}, ["messages"])),
+        ("new_versions int key", ConfigError, lambda: saver.aput(base, cp, {}, {1: "1"})),
+        ("channel_versions None", ConfigError, lambda: saver.aput(base, {**cp, "channel_versions": None}, {}, v)),
+        ("channel_values list", ConfigError, lambda: saver.aput(base, {**cp, "channel_values": [1]}, {}, v)),
+        ("metadata None", ConfigError, lambda: saver.aput(base, cp, None, v)),
+        ("metadata unencodable", SerializationError, lambda: saver.aput(base, cp, {"x": {1, 2}}, v)),
+        ("value unencodable", SerializationError, lambda: saver.aput(base, checkpoint(0, object())[0], {}, v)),
+        ("writes without checkpoint_id", ConfigError, lambda: saver.aput_writes(base, [("a", 1)], "t")),
+        ("writes None", ConfigError, lambda: saver.aput_writes(at, None, "t")),
+        ("writes not pairs", ConfigError, lambda: saver.aput_writes(at, [1, 2], "t")),
+        ("write channel int", ConfigError, lambda: saver.aput_writes(at, [(5, 1)], "t")),
+        ("task_id int", ConfigError, lambda: saver.aput_writes(at, [("a", 1)], 5)),
+        ("task_path int", ConfigError, lambda: saver.aput_writes(at, [("a", 1)], "t", 7)),
+        ("one write unencodable", SerializationError, lambda: saver.aput_writes(at, [("a", 1), ("b", object())], "t")),
+        ("delete_thread int", ConfigError, lambda: saver.adelete_thread(5)),
+        ("delete_for_runs str", ConfigError, lambda: saver.adelete_for_runs("run")),
+        ("prune surrogate", ConfigError, lambda: saver.aprune(["\udfff"])),
+        ("copy_thread to itself", ConfigError, lambda: saver.acopy_thread("victim", "victim")),
+        ("get_tuple None", ConfigError, lambda: saver.aget_tuple(None)),
+        ("list before str", ConfigError, lambda: anext(saver.alist(base, before="c1"))),
+        ("list limit -1", ConfigError, lambda: anext(saver.alist(base, limit=-1))),
+    ]
+
+
+@pytest.mark.parametrize("durability", ["memory", "spool"])
+async def test_bad_input_never_touches_other_threads(durability: str, tmp_path: Any) -> None:
+    bound = 256 * 1024
+    saver, backend = saver_on(
+        durability=durability, spool_dir=str(tmp_path / "spool"), max_buffered_bytes=bound,
+        max_batch_bytes=32 * 1024, ingest_queue_size=2, ingest_concurrency=2, cell_limit=16 * 1024,
+        batch_size=50,
+    )
+    async with saver:
+        bystanders = {f"b{i}": await put_chain(saver, f"b{i}", 2) for i in range(3)}
+        for what, error, call in _bad_calls(saver):
+            with pytest.raises(error):
+                await call()
+            # interleaved with good writes, so a bad row would share their batches
+            bystanders["b0"] += await put_chain(saver, "b0", 1)
+        # oversized: a value larger than the whole memory bound is admitted alone, in chunks
+        huge = "h" * (2 * bound)
+        cfg = await saver.aput({"configurable": {"thread_id": "huge", "checkpoint_ns": ""}}, *checkpoint(0, huge)[:1], {}, checkpoint(0)[1])
+        # a checkpoint body or metadata over cell_limit cannot be chunked: refused whole
+        cp, v = checkpoint(1)
+        cp["channel_versions"] = {f"c{i}": "x" * 100 for i in range(300)}
+        with pytest.raises(SerializationError, match="cell_limit"):
+            await saver.aput(cfg, cp, {}, {})
+        with pytest.raises(SerializationError, match="cell_limit"):
+            await saver.aput(cfg, checkpoint(1)[0], {"notes": "n" * 20_000}, checkpoint(1)[1])
+        # ids: an int is its str(), a UUID too (one thread each way)
+        import uuid
+
+        u = uuid.UUID(int=7)
+        await saver.aput({"configurable": {"thread_id": 7}}, *checkpoint(0)[:1], {}, checkpoint(0)[1])
+        await saver.aput({"configurable": {"thread_id": u}}, *checkpoint(0)[:1], {}, checkpoint(0)[1])
+        await saver.flush()  # nothing poisoned a batch: no IngestError
+        assert len(await stored_ids(saver, "7")) == 1 and len(await stored_ids(saver, str(u))) == 1
+        for tid, ids in bystanders.items():
+            assert await stored_ids(saver, tid) == ids[::-1]
+        assert await stored_ids(saver, "victim") == []
+        saver.engine._children["cache"].current.views.clear()  # type: ignore[union-attr]
+        tup = await saver.aget_tuple({"configurable": {"thread_id": "huge", "checkpoint_ns": ""}})
+        assert tup is not None and tup.checkpoint["channel_values"]["messages"] == huge
+        assert saver.engine.stats()["batches_failed"] == 0
+
+
+@pytest.mark.parametrize("durability", ["memory", "spool"])
+async def test_concurrent_deletes_of_a_thread_being_written_have_a_defined_result(
+    durability: str, tmp_path: Any
+) -> None:
+    """Writers and deleters race on one thread. Defined result: a checkpoint whose
+    put returned before a delete started is gone; one whose put started after the
+    last delete returned is there; nothing is half there; other threads untouched."""
+    path = str(tmp_path / "race.duckdb")
+    saver, _ = saver_on(FaultPlan(ingest_latency=Latency(0.0, 0.003)), path=path, durability=durability)
+    before_delete: set[str] = set()  # ids acknowledged before some delete started
+    after_last: set[str] = set()  # ids whose put started after the last delete returned
+    acked: list[str] = []
+    deletes_done = anyio.Event()
+
+    async def writer(w: int) -> None:
+        cfg: dict[str, Any] = {"configurable": {"thread_id": "hot", "checkpoint_ns": ""}}
+        for step in range(30):
+            late = deletes_done.is_set()
+            cp, _ = checkpoint(step, [f"w{w}/{step}"])
+            versions = {"messages": f"{step + 1:028}.{w:04}"}  # one writer's versions are its own
+            cp["channel_versions"] = dict(versions)
+            cfg = await saver.aput(cfg, cp, {"w": w}, versions)
+            await saver.aput_writes(cfg, [("messages", f"w{w}/{step}")], f"task-{w}-{step}")
+            acked.append(cp["id"])
+            if late:
+                after_last.add(cp["id"])
+            await anyio.sleep(0.001)
+
+    async def deleter() -> None:
+        for _ in range(8):
+            await anyio.sleep(0.01)
+            snapshot = set(acked)
+            await saver.adelete_thread("hot")
+            before_delete.update(snapshot)
+        deletes_done.set()
+
+    async with saver:
+        others = await put_chain(saver, "other", 3)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(deleter)
+            for w in range(4):
+                tg.start_soon(writer, w)
+        assert after_last, "some puts should start after the last delete"
+
+        async def check(s: AsyncKustoSaver) -> None:
+            tuples = [t async for t in s.alist({"configurable": {"thread_id": "hot"}})]
+            ids = [t.checkpoint["id"] for t in tuples]
+            assert len(ids) == len(set(ids))
+            assert not (set(ids) & before_delete)
+            assert after_last <= set(ids)
+            for t in tuples:  # whole: its value and its write
+                (w, step) = t.metadata["w"], int(t.checkpoint["channel_values"]["messages"][0].split("/")[1])
+                assert t.checkpoint["channel_values"]["messages"] == [f"w{w}/{step}"]
+                assert t.pending_writes == [(f"task-{w}-{step}", "messages", f"w{w}/{step}")]
+            assert await stored_ids(s, "other") == others[::-1]
+
+        await check(saver)
+        await saver.flush()
+        await check(saver)
+    async with AsyncKustoSaver.embedded(path, **FAST) as fresh:
+        await check(fresh)
 
 
 async def test_large_values_are_chunked_and_round_trip() -> None:
