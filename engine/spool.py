@@ -341,6 +341,7 @@ class Spool:
         nothing to do (replay-only and no directory)."""
         self.segments = {}
         self._current = None
+        self._limiter = anyio.CapacityLimiter(1)  # of this event loop
         self._pending = []
         self._doomed = []
         self._stopping = False
