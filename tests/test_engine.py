@@ -550,8 +550,12 @@ async def test_concurrent_deletes_of_a_thread_being_written_have_a_defined_resul
 
     async def writer(w: int) -> None:
         cfg: dict[str, Any] = {"configurable": {"thread_id": "hot", "checkpoint_ns": ""}}
-        for step in range(30):
+        after = 0
+        for step in range(1000):  # until a few puts started after the last delete
             late = deletes_done.is_set()
+            after += late
+            if after > 3:
+                break
             cp, _ = checkpoint(step, [f"w{w}/{step}"])
             versions = {"messages": f"{step + 1:028}.{w:04}"}  # one writer's versions are its own
             cp["channel_versions"] = dict(versions)
