@@ -58,7 +58,7 @@ class Engine:
         self.restarts: dict[str, int] = {name: 0 for name in ACTORS}
         # durability="spool" (engine/spool.py); in the other modes a spool left by an
         # earlier run in the same place is still replayed
-        spool_dir, _ = spool_dir_for(self.config, backend)
+        spool_dir = spool_dir_for(self.config, backend)
         self.spool = (
             Spool(spool_dir, segment_bytes=self.config.spool_segment_bytes, writing=self.config.durability == "spool")
             if spool_dir is not None

@@ -280,25 +280,25 @@ class Segment:
 # -- where -----------------------------------------------------------------------------
 
 
-def spool_dir_for(config: Any, backend: Any) -> tuple[str | None, bool]:
-    """(directory, explicitly configured) for this engine, or (None, False).
+def spool_dir_for(config: Any, backend: Any) -> str | None:
+    """The spool directory of this engine, or None.
 
     ``spool_dir`` when set; otherwise the backend's default (the embedded store:
     next to its DuckDB file). ``durability="spool"`` without either is a
     ConfigError: a remote backend or an in-memory store has no place for it.
     """
     if config.spool_dir is not None:
-        return os.fspath(config.spool_dir), True
+        return os.fspath(config.spool_dir)
     default = getattr(backend, "default_spool_dir", None)
     if isinstance(default, str) and default:
-        return default, False
+        return default
     if config.durability == "spool":
         raise ConfigError(
             "durability='spool' needs spool_dir: this backend has no default place for the spool "
             "(the embedded store defaults to '<file>.spool' next to its DuckDB file; an in-memory "
             "store or a Kusto cluster needs spool_dir set to a local directory)"
         )
-    return None, False
+    return None
 
 
 # -- the spool ---------------------------------------------------------------------------
@@ -371,8 +371,8 @@ class Spool:
             except OSError:
                 os.close(fd)
                 raise SpoolError(
-                    f"the spool directory {self.dir!r} is in use by another process "
-                    "(each engine needs its own spool_dir)"
+                    f"the spool directory {self.dir!r} is in use by another engine "
+                    "(each engine, in this process or another, needs its own spool_dir)"
                 ) from None
             self._lock_fd = fd
         found = []
@@ -517,20 +517,24 @@ class Spool:
     async def _commit_group(self) -> None:
         group, self._pending = self._pending, []
         self._pending_bytes = 0
-        todo = [e for e in group if not e.ticket.confirmed]  # ingested already: durable
-        self.skipped_records += len(group) - len(todo)
-        if not todo:
-            for e in group:
-                e.join.commit()
-            return
         seg = self._current
+        todo: list[SpoolEntry] = []
         try:
-            if seg is None:
+            if seg is None and any(not e.ticket.confirmed for e in group):
                 number = self._next_number
                 self._next_number += 1
                 seg = await anyio.to_thread.run_sync(self._new_segment_sync, number, limiter=self._limiter)
                 self.segments[number] = seg
                 self._current = seg
+            # after the last await before the write: a put ingested by now is durable
+            # in the backend and is not written (nor counted in the segment)
+            todo = [e for e in group if not e.ticket.confirmed]
+            self.skipped_records += len(group) - len(todo)
+            if not todo:
+                for e in group:
+                    e.join.commit()
+                return
+            assert seg is not None
             for e in todo:
                 e.ticket.segment = seg
                 seg.live += 1

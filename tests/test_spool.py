@@ -150,6 +150,29 @@ async def test_concurrent_puts_share_fsyncs_and_a_clean_close_empties_the_spool(
             assert len(await stored_ids(saver, f"t{i}")) == 5
 
 
+async def test_a_put_ingested_before_its_group_is_written_is_not_counted_live(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    real = spool_mod.Spool._new_segment_sync
+
+    def slow_new_segment(self: Any, number: int) -> Any:
+        time.sleep(0.2)  # meanwhile the put's rows are ingested
+        return real(self, number)
+
+    monkeypatch.setattr(spool_mod.Spool, "_new_segment_sync", slow_new_segment)
+    saver, _ = spooled(spool_dir=str(tmp_path / "s"), flush_interval=0.001, spool_segment_bytes=4096)
+    async with saver:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(put_chain, saver, f"t{i}", 3)
+        await saver.flush()
+        st = saver.engine.stats()
+        assert st["spool_records_skipped"] > 0
+        assert st["spool_records"] == 0
+        assert st["spool_records_written"] + st["spool_records_skipped"] == 120
+    assert not os.path.exists(tmp_path / "s")
+
+
 async def test_sync_saver_spools_too(tmp_path: Any) -> None:
     path = str(tmp_path / "s.duckdb")
 
