@@ -462,26 +462,21 @@ class Spool:
 
         total = 0
         for seg in self._to_replay:
-            data = await anyio.to_thread.run_sync(_read_file, seg.path, limiter=self._limiter)
-            res = await anyio.to_thread.run_sync(read_segment, data)
-            del data
-            if res.problems:
-                self.dropped_bytes += res.dropped
-                for p in res.problems:
-                    log.warning("spool %s: %s; dropped, not replayed", seg.path, p)
-            for payload in res.payloads:
-                try:
-                    records = decode_records(payload)
-                except Exception as exc:  # noqa: BLE001 - a valid checksum over bad content
-                    log.warning("spool %s: undecodable record dropped: %r", seg.path, exc)
-                    self.dropped_bytes += len(payload)
-                    continue
+            res, loaded = await anyio.to_thread.run_sync(_load_segment, seg.path, limiter=self._limiter)
+            self.dropped_bytes += res.dropped
+            for p in res.problems:
+                log.warning("spool %s: %s; dropped, not replayed", seg.path, p)
+            # pinned while its records are sent, so that the first ones being ingested
+            # never make it look finished before the last ones are on their way
+            seg.live += 1
+            for records in loaded:
                 ticket = SpoolTicket(self, 0, None)
                 ticket.segment = seg
                 seg.live += 1
                 await send(records, ticket)
                 total += 1
                 self.replayed_records += 1
+            seg.live -= 1
             if seg.live == 0:
                 self._doom(seg)
         self._to_replay = []
@@ -715,9 +710,21 @@ def _unlink_all(segments: list[Segment]) -> None:
         _unlink(seg.path)
 
 
-def _read_file(path: str) -> bytes:
+def _load_segment(path: str) -> tuple[ReadResult, list[list[Record]]]:
+    """Read, check and decode one segment file (worker thread)."""
     with open(path, "rb") as f:
-        return f.read()
+        data = f.read()
+    res = read_segment(data)
+    del data
+    loaded = []
+    for payload in res.payloads:
+        try:
+            loaded.append(decode_records(payload))
+        except Exception as exc:  # noqa: BLE001 - a valid checksum over bad content
+            res.problems.append(f"undecodable record ({len(payload)} bytes): {exc!r}")
+            res.dropped += len(payload)
+    res.payloads = []
+    return res, loaded
 
 
 def iter_segment_files(directory: str) -> Iterator[str]:

@@ -273,6 +273,48 @@ async def test_replay_into_a_fresh_store_drops_a_torn_tail_with_a_warning(tmp_pa
     assert not os.path.exists(snap)
 
 
+async def test_a_replayed_segment_is_deleted_only_after_all_its_records_were_sent(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    sdir, snap = str(tmp_path / "spool"), str(tmp_path / "snap")
+    saver, backend = spooled(spool_dir=sdir)
+
+    async def work() -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(put_chain, saver, f"t{i}", 5)
+
+    async with saver:
+        await _snapshot_while_stalled(saver, backend, sdir, snap, work)
+    doomed: list[tuple[int, int]] = []
+    real = spool_mod.Spool._doom
+
+    def watch(self: Any, seg: Any) -> None:
+        if seg.number in self.segments:
+            doomed.append((seg.number, self.replayed_records))
+        real(self, seg)
+
+    monkeypatch.setattr(spool_mod.Spool, "_doom", watch)
+    from langgraph.checkpoint.kusto.engine.mailbox import Mailbox
+
+    real_send = Mailbox.send
+
+    async def slow_send(self: Any, msg: Any) -> None:
+        if self.name == "batcher":
+            await anyio.sleep(0.01)
+        await real_send(self, msg)
+
+    monkeypatch.setattr(Mailbox, "send", slow_send)
+    # every replayed put is its own batch and is ingested before the next one is sent
+    async with AsyncKustoSaver.embedded(":memory:", spool_dir=snap, batch_size=1, mailbox_size=1, **FAST) as s:
+        total = s.engine.stats()["spool_replayed"]
+        assert total == 100
+        await s.flush()
+        for i in range(10):
+            assert len(await stored_ids(s, f"t{i}")) == 5
+    assert doomed and all(n == total for _, n in doomed), doomed
+
+
 async def test_a_permanently_failed_batch_stays_spooled_for_the_next_start(tmp_path: Any) -> None:
     store, sdir = str(tmp_path / "p.duckdb"), str(tmp_path / "spool")
     saver, backend = spooled(store, FaultPlan(fail_next_ingests=1000, fail_permanently=True), spool_dir=sdir)
