@@ -32,7 +32,9 @@ from langgraph.checkpoint.kusto import AsyncKustoSaver
 AGENTS = 16
 #: threads named <run>-del<i> are deleted after this step
 DELETE_AT = 3
-SETTINGS = {"flush_interval": 0.01, "retry_backoff": 0.01, "retry_backoff_max": 0.05}
+#: small segments: many are sealed and deleted (confirmed ingested) before each kill,
+#: so what they held must come back from DuckDB (its WAL), not from the spool
+SETTINGS = {"flush_interval": 0.01, "retry_backoff": 0.01, "retry_backoff_max": 0.05, "spool_segment_bytes": 64 * 1024}
 
 
 def say(line: str) -> None:
