@@ -4,7 +4,8 @@
 
 The load tool's raw workload (aget_tuple + aput + aput_writes per step, every
 agent at once) on a fresh embedded DuckDB file per run, once per mode and
-round, modes interleaved so that a noisy neighbour hurts them alike. Reports,
+round (each run in a fresh process), modes interleaved so that a noisy
+neighbour hurts them alike. Reports,
 per mode, the median over rounds of checkpoints/s (over run + flush, so only
 stored work counts), p50/p99 aput latency and, for "spool", fsyncs/s and puts
 per fsync.
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -75,18 +79,26 @@ async def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", default=",".join(DURABILITY_MODES))
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # run one mode, print its result as JSON
     args = ap.parse_args()
+    if args.one:
+        with tempfile.TemporaryDirectory(prefix="bench-durability-") as workdir:
+            await one("memory", 20, 3, workdir, {})  # warm-up: imports, KQL translation, thread pools
+            print(json.dumps(await one(args.one, args.agents, args.steps, workdir, {})))
+        return
     modes = args.modes.split(",")
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    with tempfile.TemporaryDirectory(prefix="bench-durability-") as workdir:
-        await one("memory", 20, 3, workdir, {})  # warm-up: imports, KQL translation, thread pools
-        for r in range(args.rounds):
-            for mode in modes:
-                res = await one(mode, args.agents, args.steps, workdir, {})
-                results[mode].append(res)
-                print(f"round {r + 1} {mode:9} {res['ckpt_per_s']:8.1f} ckpt/s  aput p50 {res['aput_p50_ms']:7.1f} ms "
-                      f"p99 {res['aput_p99_ms']:7.1f} ms  fsyncs/s {res['fsyncs_per_s']:6.1f}  errors {res['errors']} "
-                      f"verified {res['verified_sample']}", flush=True)
+    for r in range(args.rounds):
+        for mode in modes:  # each run in a fresh process: no state carried from the previous one
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", mode, "--agents", str(args.agents), "--steps", str(args.steps)],
+                check=True, capture_output=True, text=True,
+            ).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            results[mode].append(res)
+            print(f"round {r + 1} {mode:9} {res['ckpt_per_s']:8.1f} ckpt/s  aput p50 {res['aput_p50_ms']:7.1f} ms "
+                  f"p99 {res['aput_p99_ms']:7.1f} ms  fsyncs/s {res['fsyncs_per_s']:6.1f}  errors {res['errors']} "
+                  f"verified {res['verified_sample']}", flush=True)
     print(f"\nraw workload, {args.agents} agents x {args.steps} steps, median of {args.rounds} round(s) on {os.cpu_count()} CPUs")
     print(f"{'durability':10} {'ckpt/s':>9} {'vs memory':>9} {'aput p50 ms':>12} {'aput p99 ms':>12} {'fsyncs/s':>9} {'puts/fsync':>10}")
     base = statistics.median(x["ckpt_per_s"] for x in results["memory"]) if "memory" in results else None
