@@ -11,6 +11,7 @@ from .errors import (
     IngestError,
     KustoCheckpointError,
     PermanentBackendError,
+    SpoolError,
     TransientBackendError,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "IngestError",
     "KustoCheckpointError",
     "PermanentBackendError",
+    "SpoolError",
     "TransientBackendError",
 ]

@@ -7,13 +7,14 @@ Every saver entry point takes these as keyword arguments; an invalid value raise
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
 
 SUPERVISION_STRATEGIES = ("one_for_one", "rest_for_one")
-DURABILITY_MODES = ("memory", "ingested")
+DURABILITY_MODES = ("memory", "spool", "ingested")
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,16 @@ class EngineConfig:
     visibility_delay: float = 0.0
     #: largest payload cell, in characters; larger values are split into chunks
     cell_limit: int = 1_000_000
-    #: "memory": a put returns once the engine accepted it; "ingested": once the
-    #: backend acknowledged its batch
+    #: "memory": a put returns once the engine accepted it; "spool": once it is also
+    #: in the local spool file, fsync'd (replayed on the next start); "ingested":
+    #: once the backend acknowledged its batch
     durability: str = "memory"
+    #: directory of the spool (durability="spool"); default: next to the embedded
+    #: store's DuckDB file ("<file>.spool"); required for Kusto or ":memory:"
+    spool_dir: str | os.PathLike[str] | None = None
+    #: the spool's active segment file is sealed at this size; a sealed segment is
+    #: deleted once all its records are ingested
+    spool_segment_bytes: int = 16 * 1024 * 1024
     #: seconds a put may wait for the engine (backpressure) before TimeoutError; None waits
     put_timeout: float | None = None
     #: supervision: restart strategy, and at most max_restarts in restart_window seconds
@@ -102,6 +110,7 @@ class EngineConfig:
             "cell_limit",
             "max_restarts",
             "compaction_batch",
+            "spool_segment_bytes",
         ):
             positive_int(name)
         non_negative_int("max_retries")
@@ -115,6 +124,10 @@ class EngineConfig:
             raise ConfigError(
                 f"durability must be one of {DURABILITY_MODES}, got {self.durability!r}"
             )
+        if self.spool_dir is not None and (
+            not isinstance(self.spool_dir, (str, os.PathLike)) or not os.fspath(self.spool_dir)
+        ):
+            raise ConfigError(f"spool_dir must be a directory path (str or os.PathLike), got {self.spool_dir!r}")
         if self.supervision not in SUPERVISION_STRATEGIES:
             raise ConfigError(
                 f"supervision must be one of {SUPERVISION_STRATEGIES}, got {self.supervision!r}"

@@ -26,6 +26,7 @@ from .errors import EngineClosedError, EngineFailedError, IngestError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Read, ReadSpec
 from .records import Bundle, Record
 from .runtime import Runtime
+from .spool import EMPTY_STATS, Spool, spool_dir_for
 from .supervisor import ChildSpec, Supervisor
 
 _NO_TIMEOUT = contextlib.nullcontext()
@@ -55,6 +56,14 @@ class Engine:
         self._states: dict[str, Any] = {}
         self._children: dict[str, ChildSpec] = {}
         self.restarts: dict[str, int] = {name: 0 for name in ACTORS}
+        # durability="spool" (engine/spool.py); in the other modes a spool left by an
+        # earlier run in the same place is still replayed
+        spool_dir = spool_dir_for(self.config, backend)
+        self.spool = (
+            Spool(spool_dir, segment_bytes=self.config.spool_segment_bytes, writing=self.config.durability == "spool")
+            if spool_dir is not None
+            else None
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -74,6 +83,10 @@ class Engine:
                 size = cfg.ingest_queue_size if name == "ingestor" else cfg.mailbox_size
                 rt.mailboxes[name] = _mailbox(name, size)
             self.runtime = rt
+            spool = self.spool if self.spool is not None and await self.spool.open() else None
+            if spool is not None:  # spool hook: closed after the task group (its writer) ends
+                stack.push_async_callback(spool.close, trim=False)
+                rt.spool = spool if spool.writing else None
             self._states = {
                 "cache": Overlay(),
                 "ingestor": IngestorState(),
@@ -97,6 +110,13 @@ class Engine:
             tg = await stack.enter_async_context(anyio.create_task_group())
             await tg.start(self.supervisor.run)
             tg.start_soon(ticker, rt, max(cfg.flush_interval / 2, 0.001))
+            if spool is not None:  # spool hook: the writer, then replay before any new put
+                tg.start_soon(spool.run)
+                try:
+                    await spool.replay(rt)
+                except BaseException:
+                    tg.cancel_scope.cancel()
+                    raise
             self._register_gauges()
         except BaseException:
             await stack.__aexit__(None, None, None)
@@ -127,6 +147,8 @@ class Engine:
                             rt.mailboxes[name].close()
                         for name in group:
                             await self._children[name].stopped.wait()
+                    if self.spool is not None:  # spool hook: delete what is ingested
+                        await self.spool.close(trim=True)
             self._tg.cancel_scope.cancel()
         finally:
             self.instruments.clear_gauges()
@@ -185,7 +207,7 @@ class Engine:
         cache = rt.mailboxes["cache"]
         try:
             with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
-                if batcher.has_room() and cache.has_room():
+                if rt.spool is None and batcher.has_room() and cache.has_room():
                     msg = make_put(rt, records, None, ticket_reply=ingested)
                     msg.accepted = True
                     cache.send_nowait(Accept(records, None, msg.update_views))
@@ -323,6 +345,7 @@ class Engine:
             cache_misses=ov.misses,
             tombstones_compacted=self._states["deleter"].compacted,
         )
+        out.update(self.spool.stats() if self.spool is not None else EMPTY_STATS)
         cache = self._children.get("cache")
         if cache is not None and isinstance(cache.current, QueryCache):
             out["views"] = len(cache.current.views)

@@ -37,3 +37,9 @@ class IngestError(KustoCheckpointError):
 
 class ActorCrashedError(KustoCheckpointError, RuntimeError):
     """The actor handling a request crashed twice on it; the request was failed back."""
+
+
+class SpoolError(KustoCheckpointError):
+    """The spool (durability="spool") could not be written (disk full, I/O error)
+    or opened (in use by another process). A put that raises it was accepted in
+    memory and will still be ingested, but it was not made durable locally."""

@@ -37,7 +37,7 @@ class Ticket:
 
 
 class Put(Message):
-    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "accepted", "trace")
+    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "accepted", "trace", "spool")
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class Put(Message):
         reply: Reply[Any] | None,
         ticket: Ticket | None = None,
         update_views: bool = True,
+        spool: bytes | None = None,
     ) -> None:
         super().__init__(reply)
         self.records = records
@@ -58,6 +59,9 @@ class Put(Message):
         #: the sender already handed the records to the query cache (fast path)
         self.accepted = False
         self.trace = capture()
+        #: durability="spool": the records encoded for the spool (bytes), then, once
+        #: the batcher admitted the put, its spool entry; None: not spooled
+        self.spool: Any = spool
 
 
 class Flush(Message):
@@ -144,15 +148,20 @@ class Read(Message):
 
 
 class QueryDone(Message):
-    __slots__ = ("request", "stage", "result", "error", "epoch")
+    __slots__ = ("request", "stage", "result", "error", "epoch", "owner")
 
-    def __init__(self, request: Read, stage: int, result: Any, error: BaseException | None, epoch: int) -> None:
+    def __init__(
+        self, request: Read, stage: int, result: Any, error: BaseException | None, epoch: int, owner: Any = None
+    ) -> None:
         super().__init__(None)
         self.request = request
         self.stage = stage
         self.result = result
         self.error = error
         self.epoch = epoch
+        #: the cache incarnation that ran the query; a later one ignores the answer
+        #: (it ran the read again, and the overlay no longer protects a stale result)
+        self.owner = owner
 
 
 # -- to the deleter ---------------------------------------------------------
@@ -208,3 +217,6 @@ class DeleterState:
     #: tombstones ingested, to compact physically
     ready: list[Any] = field(default_factory=list)
     compacted: int = 0
+    #: prune / copy_thread requests being worked on in child tasks, by id: a crash
+    #: cancels those tasks, and the next incarnation starts them again
+    running: dict[int, Any] = field(default_factory=dict)

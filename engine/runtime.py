@@ -32,6 +32,8 @@ class Runtime:
     #: compaction failures (reads stay correct through tombstones; retried)
     compaction_errors: list[BaseException] = field(default_factory=list)
     query_limiter: anyio.CapacityLimiter | None = None
+    #: the spool when durability="spool" (engine/spool.py): the batcher admits puts to it
+    spool: Any = None
 
     def reply(self) -> Reply[Any]:
         return Reply(self.replies)

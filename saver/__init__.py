@@ -11,6 +11,7 @@ from .engine import (
     EngineFailedError,
     IngestError,
     KustoCheckpointError,
+    SpoolError,
 )
 from .rows import SerializationError
 from .sync import KustoSaver
@@ -25,4 +26,5 @@ __all__ = [
     "KustoCheckpointError",
     "KustoSaver",
     "SerializationError",
+    "SpoolError",
 ]

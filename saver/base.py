@@ -13,7 +13,6 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
-    get_checkpoint_id,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
@@ -22,6 +21,7 @@ from .engine.backends.base import Backend
 from .engine.backends.embedded import EmbeddedBackend
 from .engine.errors import ConfigError
 from .rows import (
+    _utf8,
     decode_bundle,
     encode_put,
     encode_writes,
@@ -40,7 +40,7 @@ def _ids(values: Any, what: str) -> list[str]:
     for v in values:
         if not isinstance(v, str):
             raise ConfigError(f"{what} must contain strings, got {type(v).__name__}")
-        out.append(v)
+        out.append(_utf8(v, what))
     return out
 
 
@@ -108,7 +108,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             ns = raw_ns if isinstance(raw_ns, str) else None
         else:
             tid, ns, cid = None, None, None
-        before_id = get_checkpoint_id(before) if before else None
+        before_id = ids_of(before, thread_required=False)[2] if before else None
         bundles = await self.engine.list(
             tid, ns, checkpoint_id=cid, before=before_id, limit=None if filter else limit
         )

@@ -38,7 +38,7 @@ def _ident(value: Any, what: str, *, required: bool = True) -> str | None:
             raise ConfigError(f"config['configurable']['{what}'] is required")
         return None
     if isinstance(value, str):
-        return value
+        return _utf8(value, f"config['configurable']['{what}']")
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if type(value).__name__ == "UUID":
@@ -46,6 +46,16 @@ def _ident(value: Any, what: str, *, required: bool = True) -> str | None:
     raise ConfigError(
         f"config['configurable']['{what}'] must be a string (or int/UUID), got {type(value).__name__}"
     )
+
+
+def _utf8(value: str, what: str) -> str:
+    """Every stored string must be valid Unicode (no lone surrogates): one that is not
+    would fail its whole ingest batch, other threads' rows with it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} is not valid Unicode ({exc.reason} at {exc.start}): {value!r:.80}") from None
+    return value
 
 
 def configurable(config: Any) -> Mapping[str, Any]:
@@ -65,6 +75,7 @@ def ids_of(config: Any, *, thread_required: bool = True) -> tuple[str | None, st
         ns = ""
     if not isinstance(ns, str):
         raise ConfigError(f"config['configurable']['checkpoint_ns'] must be a string, got {type(ns).__name__}")
+    _utf8(ns, "config['configurable']['checkpoint_ns']")
     cid = _ident(conf.get("checkpoint_id"), "checkpoint_id", required=False)
     return tid, ns, cid or None
 
@@ -91,8 +102,27 @@ def _load(serde: SerializerProtocol, type_: str, payload: str) -> Any:
     return serde.loads_typed((type_, _unb64(payload)))
 
 
+def _mapping(value: Any, what: str, *, keys: str | None = None) -> Mapping[str, Any]:
+    """``value`` must be a dict (with string keys when ``keys`` names them): bad input
+    is refused here, in the caller, before anything reaches the engine."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what} must be a dict, got {type(value).__name__}")
+    if keys is not None:
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{what} must have string {keys}, got {type(k).__name__} {k!r}")
+            _utf8(k, f"{what} key")
+            if isinstance(v, str):
+                _utf8(v, f"{what}[{k!r}]")
+    return value
+
+
 def _metadata_json(config: Any, metadata: CheckpointMetadata) -> bytes:
-    meta = get_checkpoint_metadata(config, metadata)
+    _mapping(metadata, "metadata")
+    try:
+        meta = get_checkpoint_metadata(config, metadata)
+    except (AttributeError, TypeError) as exc:
+        raise ConfigError(f"config['metadata'] / config['configurable'] must be dicts: {exc}") from exc
     try:
         return orjson.dumps(meta, option=orjson.OPT_NON_STR_KEYS)
     except TypeError as exc:
@@ -125,8 +155,10 @@ def encode_put(
         raise ConfigError("checkpoint must be a Checkpoint dict with an 'id'")
     cid = _ident(checkpoint["id"], "checkpoint id")
     assert cid is not None
+    _mapping(new_versions, "new_versions", keys="channel names")
+    _mapping(checkpoint.get("channel_versions", {}), "checkpoint['channel_versions']", keys="channel names")
     c = dict(checkpoint)
-    values: dict[str, Any] = c.pop("channel_values", None) or {}
+    values: Mapping[str, Any] = _mapping(c.pop("channel_values", None) or {}, "checkpoint['channel_values']")
     written_at = now_us()
     records: list[BlobRec | CheckpointRec] = []
     new_v: dict[str, str] = {}
@@ -180,6 +212,16 @@ def encode_writes(
         raise ConfigError("put_writes needs config['configurable']['checkpoint_id'] (the checkpoint the writes belong to)")
     if not isinstance(task_id, str):
         raise ConfigError(f"task_id must be a string, got {type(task_id).__name__}")
+    _utf8(task_id, "task_id")
+    if task_path is not None and not isinstance(task_path, str):
+        raise ConfigError(f"task_path must be a string, got {type(task_path).__name__}")
+    _utf8(task_path or "", "task_path")
+    if isinstance(writes, (str, bytes, Mapping)) or not isinstance(writes, Sequence):
+        raise ConfigError(f"writes must be a list of (channel, value) pairs, got {type(writes).__name__}")
+    for w in writes:
+        if not isinstance(w, (tuple, list)) or len(w) != 2 or not isinstance(w[0], str):
+            raise ConfigError(f"writes must be (channel: str, value) pairs, got {w!r:.80}")
+        _utf8(w[0], "a write's channel")
     written_at = now_us()
     out = []
     for idx, (channel, value) in enumerate(writes):

@@ -71,8 +71,11 @@ class Batcher(Actor):
         cfg = self.runtime.config
         if st.buffered_bytes and st.buffered_bytes + msg.nbytes > cfg.batcher_buffer_bytes:
             await self._flush_all()
-        if not msg.accepted:
-            await self.runtime.mailbox("cache").send(Accept(msg.records, msg.reply, msg.update_views))
+        if not msg.accepted:  # else the caller handed the records to the cache (fast path)
+            reply = msg.reply
+            if msg.spool is not None:  # durability="spool" (engine/spool.py): group commit,
+                reply = self.runtime.spool.admit(msg)  # the caller's reply also waits for the fsync
+            await self.runtime.mailbox("cache").send(Accept(msg.records, reply, msg.update_views))
         now = time.monotonic()
         full: set[str] = set()
         for table, row, seq, nbytes in msg.rows:

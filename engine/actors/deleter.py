@@ -33,11 +33,17 @@ from ..messages import (
     Ticket,
 )
 from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, next_seq, now_us
+from ..spool import encode_records
 from ..schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, WRITES
 
 
-def make_put(runtime: Any, records: list[Record], reply: Any, *, ticket_reply: Any = None, update_views: bool = True) -> Put:
-    """Build a batcher ``Put`` from records (runs in the sender's task)."""
+def make_put(
+    runtime: Any, records: list[Record], reply: Any, *, ticket_reply: Any = None,
+    update_views: bool = True, spooled: bool = True,
+) -> Put:
+    """Build a batcher ``Put`` from records (runs in the sender's task).
+
+    ``spooled=False``: records replayed from the spool (they are on disk already)."""
     cell = runtime.config.cell_limit
     rows: list[tuple[str, dict[str, Any], int, int]] = []
     nbytes = 0
@@ -49,7 +55,9 @@ def make_put(runtime: Any, records: list[Record], reply: Any, *, ticket_reply: A
             rows.append((rec.table, row, rec.seq, size))
             nbytes += size
     ticket = Ticket(len(rows), ticket_reply) if ticket_reply is not None else None
-    return Put(records, rows, nbytes, reply, ticket, update_views)
+    spool = runtime.spool  # durability="spool": encode here, in the sender's task
+    payload = encode_records(records) if spool is not None and spooled else None
+    return Put(records, rows, nbytes, reply, ticket, update_views, payload)
 
 
 class Deleter(Actor):
@@ -62,6 +70,15 @@ class Deleter(Actor):
         assert self.tg is not None
         if self.runtime.config.compaction_interval > 0:
             self.tg.start_soon(self._compaction_ticker)
+        # requests whose child task died with the previous incarnation: run them again
+        # (both are idempotent: a second tombstone or copy of a row reads as one)
+        for msg in list(self.state.running.values()):
+            self._start_op(msg)
+
+    def _start_op(self, msg: Prune | CopyThread) -> None:
+        assert self.tg is not None
+        self.state.running[id(msg)] = msg
+        self.tg.start_soon(self._prune if isinstance(msg, Prune) else self._copy, msg)
 
     async def handle(self, msg: Any) -> None:
         assert self.tg is not None
@@ -73,10 +90,8 @@ class Deleter(Actor):
             at = now_us()
             tombs = [TombstoneRec(SCOPE_RUN, run_id=r, deleted_at=at) for r in msg.run_ids]
             await self._write_tombstones(tombs, msg.reply)
-        elif isinstance(msg, Prune):
-            self.tg.start_soon(self._prune, msg)
-        elif isinstance(msg, CopyThread):
-            self.tg.start_soon(self._copy, msg)
+        elif isinstance(msg, (Prune, CopyThread)):
+            self._start_op(msg)
         elif isinstance(msg, Compact):
             if not self._compacting:
                 self._compacting = True
@@ -124,6 +139,7 @@ class Deleter(Actor):
             await self._write_tombstones(tombs, msg.reply)
         except Exception as exc:  # noqa: BLE001 - failed back to the caller
             msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"prune failed: {exc!r}"))
+        self.state.running.pop(id(msg), None)
 
     async def _copy(self, msg: CopyThread) -> None:
         try:
@@ -148,12 +164,13 @@ class Deleter(Actor):
                         msg.target, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.task_path, w.idx,
                         w.channel, w.payload_type, w.payload, at,
                     ))
-            if not records:
+            if records:
+                await self.runtime.mailbox("batcher").send(make_put(self.runtime, records, msg.reply, update_views=False))
+            else:
                 msg.reply.set(None)
-                return
-            await self.runtime.mailbox("batcher").send(make_put(self.runtime, records, msg.reply, update_views=False))
         except Exception as exc:  # noqa: BLE001 - failed back to the caller
             msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"copy_thread failed: {exc!r}"))
+        self.state.running.pop(id(msg), None)
 
     # -- compaction --------------------------------------------------------
 

@@ -107,6 +107,8 @@ class Ingestor(Actor):
             inst.batch_bytes.record(batch.nbytes, inst.attrs(**{names.TABLE: batch.table}))
         # tell the cache first: its overlay must know before anyone is told "done"
         await rt.mailbox("cache").send(Ingested(batch.seqs, error))
+        # tickets: puts waiting for "ingested", and spooled puts (engine/spool.py
+        # SpoolTicket: its segment is deleted once all its rows are confirmed here)
         for ticket in batch.tickets:
             if error is None:
                 ticket.done_rows(1)

@@ -183,7 +183,8 @@ class QueryCache(Actor):
         elif isinstance(msg, Read):
             await self._read(msg)
         elif isinstance(msg, QueryDone):
-            self._query_done(msg)
+            if msg.owner is self:  # else: sent by the previous incarnation, whose reads run again
+                self._query_done(msg)
         elif isinstance(msg, Ingested):
             self._ingested(msg)
         else:  # pragma: no cover - programming error
@@ -415,7 +416,7 @@ class QueryCache(Actor):
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
             if error is not exc:
                 error.__cause__ = exc
-        await self.mailbox.send(QueryDone(msg, stage, result, error, epoch))
+        await self.mailbox.send(QueryDone(msg, stage, result, error, epoch, self))
 
     async def _run_latest(self, batch: LatestBatch, ns: str, epoch: int) -> None:
         rt = self.runtime
@@ -441,7 +442,7 @@ class QueryCache(Actor):
         finally:
             if self._waiting.get(ns) is batch:
                 del self._waiting[ns]
-        await self.mailbox.send(QueryDone(batch, 1, result, error, epoch))  # type: ignore[arg-type]
+        await self.mailbox.send(QueryDone(batch, 1, result, error, epoch, self))  # type: ignore[arg-type]
 
     def _query_done(self, done: QueryDone) -> None:
         ov = self.state
@@ -515,7 +516,7 @@ class QueryCache(Actor):
             error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
             if error is not exc:
                 error.__cause__ = exc
-        await self.mailbox.send(QueryDone(batch, 2, result, error, epoch))  # type: ignore[arg-type]
+        await self.mailbox.send(QueryDone(batch, 2, result, error, epoch, self))  # type: ignore[arg-type]
 
     def _latest_values_done(self, batch: LatestBatch, result: Any, error: BaseException | None) -> None:
         ov = self.state

@@ -62,6 +62,11 @@ class EmbeddedBackend:
         self._limiter = anyio.CapacityLimiter(threads)
         self._schema: dict[str, list[str]] | None = None
 
+    @property
+    def default_spool_dir(self) -> str | None:
+        """Where durability="spool" keeps its spool unless spool_dir is set: next to the file."""
+        return None if self.path == ":memory:" else self.path + ".spool"
+
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
