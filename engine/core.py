@@ -224,9 +224,14 @@ class Engine:
                 if ingested is not None:
                     await ingested.wait()
         except TimeoutError:
+            waited_for = {
+                "memory": "accepted",
+                "spool": "accepted and on the spool",
+                "ingested": "acknowledged by the backend",
+            }.get(cfg.durability, "accepted")
             raise TimeoutError(
-                f"{operation} was not accepted within put_timeout={cfg.put_timeout}s "
-                "(the backend is slow or stalled and the engine's buffers are full)"
+                f"{operation} was not {waited_for} within put_timeout={cfg.put_timeout}s "
+                f"(durability={cfg.durability!r}; the backend is slow or stalled, or the engine's buffers are full)"
             ) from None
 
     # -- reads -------------------------------------------------------------
