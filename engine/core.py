@@ -191,7 +191,8 @@ class Engine:
     async def put(self, records: list[Record], *, operation: str = "put") -> None:
         """Accept a put's records.
 
-        Fast path, when both the cache's and the batcher's mailboxes have room:
+        Fast path, when both the cache's and the batcher's mailboxes have room
+        and the bytes queued for the batcher stay within its share of the memory bound:
         the records go to the query cache (overlay) and to the batcher with two
         non-blocking sends and no yield in between, so the put is applied to
         both or to neither, and no reply is awaited. A read sent afterwards
@@ -207,13 +208,18 @@ class Engine:
         cache = rt.mailboxes["cache"]
         try:
             with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
-                if rt.spool is None and batcher.has_room() and cache.has_room():
-                    msg = make_put(rt, records, None, ticket_reply=ingested)
+                msg = make_put(rt, records, None, ticket_reply=ingested)
+                b: BatcherState = self._states["batcher"]
+                if (
+                    rt.spool is None and batcher.has_room() and cache.has_room()
+                    and b.queued_bytes + b.buffered_bytes + msg.nbytes <= cfg.batcher_buffer_bytes
+                ):
                     msg.accepted = True
+                    b.queued_bytes += msg.nbytes
                     cache.send_nowait(Accept(records, None, msg.update_views))
                     batcher.send_nowait(msg)
                 else:
-                    msg = make_put(rt, records, rt.reply(), ticket_reply=ingested)
+                    msg.reply = rt.reply()
                     started = time.perf_counter()
                     await self._send(rt, "batcher", msg)
                     inst = self.instruments
@@ -325,7 +331,7 @@ class Engine:
         b: BatcherState = self._states["batcher"]
         i: IngestorState = self._states["ingestor"]
         queued = b.handed_bytes - i.received_bytes
-        return b.buffered_bytes + queued + i.inflight_bytes
+        return b.buffered_bytes + b.queued_bytes + queued + i.inflight_bytes
 
     def stats(self) -> dict[str, Any]:
         rt = self.runtime

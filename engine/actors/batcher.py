@@ -45,6 +45,10 @@ class BatcherState:
     rows_in: int = 0
     #: total bytes handed to the ingestor (minus what it received = queued)
     handed_bytes: int = 0
+    #: bytes of fast-path puts sent to the batcher's mailbox and not yet buffered
+    #: (the engine admits a fast-path put only while this plus ``buffered_bytes``
+    #: stays within ``batcher_buffer_bytes``: the memory bound counts them)
+    queued_bytes: int = 0
 
 
 class Batcher(Actor):
@@ -99,6 +103,8 @@ class Batcher(Actor):
             st.rows_in += 1
             if len(buf.rows) >= cfg.batch_size or buf.nbytes >= cfg.max_batch_bytes:
                 full.add(table)
+        if msg.accepted:
+            st.queued_bytes -= msg.nbytes
         if st.buffered_bytes > st.peak_buffered_bytes:
             st.peak_buffered_bytes = st.buffered_bytes
         for table in full:
