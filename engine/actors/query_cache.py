@@ -413,9 +413,7 @@ class QueryCache(Actor):
                     )
                     result = (carry[0], _indexed(values_from_rows(rows)), carry[2])
         except Exception as exc:  # noqa: BLE001 - failed back to the reader
-            error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
-            if error is not exc:
-                error.__cause__ = exc
+            error = _read_error(exc)
         await self.mailbox.send(QueryDone(msg, stage, result, error, epoch, self))
 
     async def _run_latest(self, batch: LatestBatch, ns: str, epoch: int) -> None:
@@ -436,9 +434,7 @@ class QueryCache(Actor):
                 )
                 result = [checkpoint_from_row(r) for r in rows]
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
-            error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
-            if error is not exc:
-                error.__cause__ = exc
+            error = _read_error(exc)
         finally:
             if self._waiting.get(ns) is batch:
                 del self._waiting[ns]
@@ -513,9 +509,7 @@ class QueryCache(Actor):
                 )
                 result = _indexed(values_from_rows(rows))
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
-            error = exc if isinstance(exc, BackendError) else BackendError(f"read failed: {exc!r}")
-            if error is not exc:
-                error.__cause__ = exc
+            error = _read_error(exc)
         await self.mailbox.send(QueryDone(batch, 2, result, error, epoch, self))  # type: ignore[arg-type]
 
     def _latest_values_done(self, batch: LatestBatch, result: Any, error: BaseException | None) -> None:
@@ -624,6 +618,15 @@ class QueryCache(Actor):
             "hits": ov.hits,
             "misses": ov.misses,
         }
+
+
+def _read_error(exc: Exception) -> BackendError:
+    """What a failed backend query tells its readers (the original as the cause)."""
+    if isinstance(exc, BackendError):
+        return exc
+    error = BackendError(f"read failed: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 def _values_params(cands: list[CheckpointRec]) -> dict[str, Any]:
