@@ -51,6 +51,8 @@ def _ident(value: Any, what: str, *, required: bool = True) -> str | None:
 def _utf8(value: str, what: str) -> str:
     """Every stored string must be valid Unicode (no lone surrogates): one that is not
     would fail its whole ingest batch, other threads' rows with it."""
+    if value.isascii():  # the common case, checked without encoding
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from contextvars import ContextVar
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -143,15 +144,19 @@ def _instruments_of(meter_provider: metrics.MeterProvider | None) -> _MeterInstr
         return found
 
 
+#: the OpenTelemetry context of the recording span (a saver call's or an actor's)
+#: this engine's code runs under; None when nothing of ours is being traced
+_TRACED: ContextVar[otel_context.Context | None] = ContextVar("kusto_checkpoint_traced", default=None)
+
+
 def capture() -> otel_context.Context | None:
-    """The current OpenTelemetry context if its span is recording, else None.
+    """The context of the recording span of ours that is current, else None.
 
     Messages carry it across mailboxes: it is the parent of the actor's span and of
-    backend calls, and the source of an ingest span's links. Taking the context
-    object itself (not a copy) makes this an attribute lookup, no allocation.
+    backend calls, and the source of an ingest span's links. One context-variable
+    read: without an SDK (or for a call the sampler dropped) nothing else is paid.
     """
-    ctx = otel_context.get_current()
-    return ctx if trace.get_current_span(ctx).is_recording() else None
+    return _TRACED.get()
 
 
 class Links:
@@ -189,7 +194,7 @@ class _ActorSpan:
     """An actor's span over its work on one message, current while it runs (so the
     messages it sends carry it). A class, not a generator: it runs per message."""
 
-    __slots__ = ("_tracer", "_name", "_parent", "_span", "_token")
+    __slots__ = ("_tracer", "_name", "_parent", "_span", "_token", "_traced")
 
     def __init__(self, tracer: trace.Tracer, name: str, parent: otel_context.Context) -> None:
         self._tracer = tracer
@@ -198,10 +203,13 @@ class _ActorSpan:
 
     def __enter__(self) -> Any:
         span = self._span = self._tracer.start_span(self._name, context=self._parent, kind=SpanKind.INTERNAL)
-        self._token = otel_context.attach(trace.set_span_in_context(span, self._parent))
+        ctx = trace.set_span_in_context(span, self._parent)
+        self._token = otel_context.attach(ctx)
+        self._traced = _TRACED.set(ctx if span.is_recording() else None)
         return span
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        _TRACED.reset(self._traced)
         otel_context.detach(self._token)
         span = self._span
         if exc is not None:
@@ -315,7 +323,9 @@ class Instruments:
                 raise
             self.operation_duration.record(time.perf_counter() - started, attrs)
             return result
-        token = otel_context.attach(trace.set_span_in_context(span))
+        ctx = trace.set_span_in_context(span)
+        token = otel_context.attach(ctx)
+        traced = _TRACED.set(ctx)
         try:
             result = await fn(*args)
         except BaseException as exc:
@@ -329,6 +339,7 @@ class Instruments:
             )
             raise
         finally:
+            _TRACED.reset(traced)
             otel_context.detach(token)
             span.end()
         self.operation_duration.record(time.perf_counter() - started, attrs)
