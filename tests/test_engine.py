@@ -687,3 +687,16 @@ async def test_deletes_take_effect_at_once_and_hold_after_reopen(tmp_path: Any) 
         assert await saver.engine.compact() >= 3
         assert await stored_ids(saver, "x") == []
         assert len(await stored_ids(saver, "keep")) == 1
+
+
+async def test_embedded_store_sets_duckdb_checkpoint_threshold(tmp_path: Any) -> None:
+    backend = EmbeddedBackend(str(tmp_path / "t.duckdb"), checkpoint_threshold="64MB")
+    await backend.open()
+    try:
+        got = backend._cursor().execute("SELECT current_setting('checkpoint_threshold')").fetchone()[0]
+        assert got.startswith("61.0 MiB") or got.startswith("64"), got
+    finally:
+        await backend.close()
+    for bad in ("64", "1; DROP TABLE Checkpoints", 64):
+        with pytest.raises(ValueError, match="checkpoint_threshold"):
+            EmbeddedBackend(":memory:", checkpoint_threshold=bad)  # type: ignore[arg-type]
