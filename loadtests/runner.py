@@ -211,25 +211,42 @@ class Variant:
     #: always put a FaultyBackend in front of the store (zero plan unless inject says otherwise),
     #: so a run with and one without injected latency have the same layers
     faulty: bool = False
-    #: OpenTelemetry SDK on: MeterProvider + InMemoryMetricReader, TracerProvider + in-memory exporter
-    telemetry: bool = False
+    #: OpenTelemetry SDK on: "metrics" (MeterProvider + InMemoryMetricReader, no tracing),
+    #: "traces" (that plus TracerProvider + in-memory exporter, every span recorded) or
+    #: "traces@R" (spans sampled at ratio R, parent-based); None: no SDK
+    telemetry: str | None = None
 
 
 class TelemetryProbe:
-    """The SDK providers of a telemetry-on run, and what they collected."""
+    """The SDK providers of a telemetry-on run, and what they collected.
 
-    def __init__(self) -> None:
+    ``mode``: "metrics" (a MeterProvider with an InMemoryMetricReader; tracing is the
+    API's no-op), "traces" (also a TracerProvider exporting every span to memory), or
+    "traces@R" (spans sampled at ratio R, parent-based)."""
+
+    def __init__(self, mode: str = "traces") -> None:
+        from opentelemetry import trace
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+        kind, _, ratio_text = mode.partition("@")
+        if kind not in ("metrics", "traces") or (ratio_text and kind != "traces"):
+            raise ValueError(f"telemetry mode must be 'metrics', 'traces' or 'traces@RATIO', got {mode!r}")
+        self.mode = mode
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
         self.exporter = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
+        self.tracer_provider: Any
+        if kind == "metrics":
+            self.tracer_provider = trace.NoOpTracerProvider()
+        else:
+            sampler = ParentBased(TraceIdRatioBased(float(ratio_text))) if ratio_text else None
+            self.tracer_provider = TracerProvider(sampler=sampler)
+            self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
         self.result: dict[str, Any] = {}
 
     def saver_options(self) -> dict[str, Any]:
@@ -245,12 +262,14 @@ class TelemetryProbe:
                 for m in sm.metrics:
                     metrics_seen.add(m.name)
                     points += len(m.data.data_points)
-        self.tracer_provider.force_flush()
-        spans = len(self.exporter.get_finished_spans())
-        self.tracer_provider.shutdown()
+        spans = 0
+        if hasattr(self.tracer_provider, "force_flush"):  # an SDK provider, not the no-op one
+            self.tracer_provider.force_flush()
+            spans = len(self.exporter.get_finished_spans())
+            self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
         self.exporter.clear()
-        self.result = {"metrics": sorted(metrics_seen), "metric_points": points, "spans": spans}
+        self.result = {"mode": self.mode, "metrics": sorted(metrics_seen), "metric_points": points, "spans": spans}
         return self.result
 
 
@@ -312,7 +331,7 @@ class KustoTarget(Target):
             backend = self.faulty
         self.recording = backend = RecordingBackend(backend)
         if self.variant.telemetry:
-            self.probe = TelemetryProbe()
+            self.probe = TelemetryProbe(self.variant.telemetry)
             self.telemetry_hook = "meter_provider= / tracer_provider= saver arguments"
             return self._saver(backend, **self.probe.saver_options())  # type: ignore[no-any-return]
         return self._saver(backend)  # type: ignore[no-any-return]

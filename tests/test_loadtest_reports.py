@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import statistics
 import time
 
 import anyio
@@ -197,12 +198,21 @@ def test_memory_bound_report_keeps_buffered_bytes_under_the_bound() -> None:
 def test_telemetry_report_collects_spans_and_metrics_only_when_on() -> None:
     code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "telemetry", "-q"])
     assert code == 0, text
-    run = res["runs"]["telemetry"]["results"]
+    assert sorted(res["runs"]) == ["round 1", "round 2"]
+    run = res["runs"]["round 2"]["results"]
     assert "telemetry" not in run["kusto-otel-off"]
-    tel = run["kusto-otel-on"]["telemetry"]
-    assert tel["spans"] >= 3 * 2 * 3  # a span per saver call at least
-    assert tel["metric_points"] > 0 and "db.client.operation.duration" in tel["metrics"]
-    assert res["checks"][0]["target"] == 0.9
+    metrics_only = run["kusto-otel-metrics"]["telemetry"]
+    assert metrics_only["spans"] == 0 and metrics_only["mode"] == "metrics"
+    assert metrics_only["metric_points"] > 0 and "db.client.operation.duration" in metrics_only["metrics"]
+    traced = run["kusto-otel-traces"]["telemetry"]
+    assert traced["spans"] >= 3 * 2 * 3  # a span per saver call at least
+    sampled = run["kusto-otel-sampled"]["telemetry"]
+    assert sampled["spans"] < traced["spans"]
+    metrics_check, traces_check, sampled_check = res["checks"]
+    assert metrics_check["target"] == 0.9 and metrics_check["passed"] is not None
+    assert traces_check["passed"] is None and sampled_check["passed"] is None  # reported, not judged
+    offs = [r["results"]["kusto-otel-off"]["checkpoints_per_s"] for r in res["runs"].values()]
+    assert metrics_check["base"]["value"] == pytest.approx(statistics.median(offs))
 
 
 def test_durability_report_covers_every_mode_the_engine_accepts() -> None:
