@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
+import pybase64
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
     ChannelVersions,
@@ -83,11 +84,18 @@ def ids_of(config: Any, *, thread_required: bool = True) -> tuple[str | None, st
 
 
 def _b64(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
+    # pybase64 (SIMD): about 30x faster than binascii on the 10-100 KB values of a
+    # growing message list, and this runs in the caller on every put and read
+    return pybase64.b64encode_as_string(data)
 
 
 def _unb64(text: str) -> bytes:
-    return binascii.a2b_base64(text) if text else b""
+    if not text:
+        return b""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except binascii.Error:  # not strict base64 (e.g. a line break): binascii's lenient decoder
+        return binascii.a2b_base64(text)
 
 
 def _dump(serde: SerializerProtocol, value: Any, what: str) -> tuple[str, str]:

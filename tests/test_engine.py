@@ -700,3 +700,16 @@ async def test_embedded_store_sets_duckdb_checkpoint_threshold(tmp_path: Any) ->
     for bad in ("64", "1; DROP TABLE Checkpoints", 64):
         with pytest.raises(ValueError, match="checkpoint_threshold"):
             EmbeddedBackend(":memory:", checkpoint_threshold=bad)  # type: ignore[arg-type]
+
+
+def test_payload_base64_round_trips_and_tolerates_line_breaks() -> None:
+    import base64
+
+    from langgraph.checkpoint.kusto.rows import _b64, _unb64
+
+    data = random.Random(7).randbytes(100_003)
+    text = _b64(data)
+    assert text == base64.b64encode(data).decode() and _unb64(text) == data
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # not strict base64
+    assert _unb64(wrapped) == data
+    assert _b64(b"") == "" and _unb64("") == b""
