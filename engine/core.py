@@ -355,6 +355,8 @@ class Engine:
             cache_hits=ov.hits,
             cache_misses=ov.misses,
             tombstones_compacted=self._states["deleter"].compacted,
+            compaction_failures=rt.compaction_failures,
+            last_compaction_error=None if rt.last_compaction_error is None else repr(rt.last_compaction_error),
         )
         out.update(self.spool.stats() if self.spool is not None else EMPTY_STATS)
         cache = self._children.get("cache")

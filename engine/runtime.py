@@ -29,8 +29,10 @@ class Runtime:
     failure: BaseException | None = None
     #: errors of batches that could not be ingested; raised by flush()/close
     ingest_errors: list[BaseException] = field(default_factory=list)
-    #: compaction failures (reads stay correct through tombstones; retried)
-    compaction_errors: list[BaseException] = field(default_factory=list)
+    #: failed compaction passes (reads stay correct through tombstones; the next
+    #: pass retries) and the last one's error; counted, not kept
+    compaction_failures: int = 0
+    last_compaction_error: BaseException | None = None
     query_limiter: anyio.CapacityLimiter | None = None
     #: the spool when durability="spool" (engine/spool.py): the batcher admits puts to it
     spool: Any = None

@@ -93,6 +93,10 @@ class _MeterInstruments:
         self.actor_restarts = meter.create_counter(
             names.ACTOR_RESTARTS, unit="{restart}", description="Actor restarts by the supervisor",
         )
+        self.compaction_failures = meter.create_counter(
+            names.COMPACTION_FAILURES, unit="{failure}",
+            description="Compaction passes that failed (tombstones keep reads right; the next pass retries)",
+        )
         self.backpressure_wait = meter.create_histogram(
             names.BACKPRESSURE_WAIT, unit="s",
             description="Time a put spent blocked on the batcher's full mailbox",
@@ -250,6 +254,7 @@ class Instruments:
         self.query_duration = shared.query_duration
         self.actor_restarts = shared.actor_restarts
         self.backpressure_wait = shared.backpressure_wait
+        self.compaction_failures = shared.compaction_failures
         self.visibility_lag = shared.visibility_lag
 
     @classmethod

@@ -68,12 +68,13 @@ OVERLAY_BYTES = "kusto_checkpoint.overlay.bytes"
 CACHE_REQUESTS = "kusto_checkpoint.cache.requests"
 VISIBILITY_LAG = "kusto_checkpoint.visibility.lag"
 TOMBSTONES_PENDING = "kusto_checkpoint.tombstones.pending"
+COMPACTION_FAILURES = "kusto_checkpoint.compaction.failures"
 
 #: every metric, in the README table's order
 METRICS = (
     OPERATION_DURATION, MAILBOX_DEPTH, MAILBOX_CAPACITY, BATCH_ROWS, BATCH_BYTES, INGEST_DURATION,
     INGEST_BATCHES, INGEST_RETRIES, QUERY_DURATION, ACTOR_RESTARTS, BACKPRESSURE_WAIT, BUFFERED_BYTES,
-    OVERLAY_ROWS, OVERLAY_BYTES, CACHE_REQUESTS, VISIBILITY_LAG, TOMBSTONES_PENDING,
+    OVERLAY_ROWS, OVERLAY_BYTES, CACHE_REQUESTS, VISIBILITY_LAG, TOMBSTONES_PENDING, COMPACTION_FAILURES,
 )
 
 # -- spans -------------------------------------------------------------------------

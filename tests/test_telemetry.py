@@ -554,3 +554,22 @@ def test_kusto_backend_attributes_follow_the_conventions() -> None:
         names.SERVER_ADDRESS: "mycluster.westeurope.kusto.windows.net",
     }
     assert inst.bound(names.DB_OPERATION_NAME, "put") is inst.bound(names.DB_OPERATION_NAME, "put")
+
+
+@pytest.mark.anyio
+async def test_a_failed_compaction_pass_is_counted_logged_and_retried(otel: Otel, caplog: Any) -> None:
+    saver, backend = saver_on(otel, FaultPlan(fail_next_commands=1))
+    async with saver:
+        await put_chain(saver, "doomed", 2)
+        await put_chain(saver, "kept", 1)
+        await saver.adelete_thread("doomed")
+        with caplog.at_level("WARNING", logger="langgraph.checkpoint.kusto.compaction"):
+            assert await saver.engine.compact() == 0
+        assert "compaction pass failed" in caplog.text and "injected failure" in caplog.text
+        stats = saver.engine.stats()
+        assert stats["compaction_failures"] == 1 and "injected failure" in stats["last_compaction_error"]
+        assert otel.total(names.COMPACTION_FAILURES, **{names.ERROR_TYPE: "PermanentBackendError"}) == 1
+        assert await saver.aget_tuple({"configurable": {"thread_id": "doomed"}}) is None  # the tombstone holds
+        assert await saver.engine.compact() == 1  # the next pass retries it
+        assert saver.engine.stats()["compaction_failures"] == 1
+        assert await backend.count_rows("Checkpoints") == 1  # only "kept" is left

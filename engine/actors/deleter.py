@@ -13,9 +13,12 @@ the loop keeps serving.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
+
+from ...telemetry import names
 
 from .. import kql
 from ..actor import Actor
@@ -35,6 +38,8 @@ from ..messages import (
 from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, next_seq, now_us
 from ..spool import encode_records
 from ..schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, WRITES
+
+log = logging.getLogger("langgraph.checkpoint.kusto.compaction")
 
 
 def make_put(
@@ -188,7 +193,13 @@ class Deleter(Actor):
         try:
             await self._compact_pass()
         except Exception as exc:  # noqa: BLE001 - tombstones keep reads right; retried next pass
-            self.runtime.compaction_errors.append(exc)
+            rt = self.runtime
+            rt.compaction_failures += 1
+            rt.last_compaction_error = exc
+            inst = rt.instruments
+            inst.compaction_failures.add(1, inst.bound(names.ERROR_TYPE, type(exc).__qualname__))
+            log.warning("compaction pass failed (retried in %ss; reads stay correct): %r",
+                        rt.config.compaction_interval, exc)
         finally:
             self._compacting = False
 

@@ -41,6 +41,8 @@ class FaultPlan:
     #: fail the next N ingest calls (transient unless permanent=True)
     fail_next_ingests: int = 0
     fail_permanently: bool = False
+    #: fail the next N control commands (compaction's ``.delete``) permanently
+    fail_next_commands: int = 0
 
 
 class FaultyBackend:
@@ -111,4 +113,8 @@ class FaultyBackend:
         return await self.inner.query(kql, params)
 
     async def command(self, kql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        if self.plan.fail_next_commands > 0:
+            self.plan.fail_next_commands -= 1
+            self.injected_failures += 1
+            raise PermanentBackendError(f"injected failure of a control command: {kql[:40]!r}")
         return await self.inner.command(kql, params)
