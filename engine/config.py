@@ -16,6 +16,20 @@ from .errors import ConfigError
 SUPERVISION_STRATEGIES = ("one_for_one", "rest_for_one")
 DURABILITY_MODES = ("memory", "spool", "ingested")
 
+#: Defaults for a remote backend (Kusto; a backend with ``remote = True``), applied
+#: under the caller's options. Each ingest call there holds one of ``ingest_concurrency``
+#: slots for a network round trip (streaming ingestion: ~100 ms to 1 s) however small the
+#: batch, so at 4 slots the ingest rate is ~4 batches per round trip and writes outrun it:
+#: the batcher blocks, its mailbox fills and puts wait (backpressure). 16 slots keep
+#: round trips overlapped (Little's law: rate x latency batches in flight), and the
+#: memory bound grows with them, since every queued or in-flight batch counts against it
+#: at ``max_batch_bytes``: (4 + 16 + 1) x 4 MiB = 84 MiB needed; 128 MiB leaves the
+#: batcher 48 MiB (the embedded defaults leave it 32 MiB).
+REMOTE_DEFAULTS: dict[str, Any] = {
+    "ingest_concurrency": 16,
+    "max_buffered_bytes": 128 * 1024 * 1024,
+}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -161,3 +175,29 @@ class EngineConfig:
                 f"unknown engine option(s) {unknown}; known options: {sorted(known)}"
             )
         return cls(**options)
+
+
+def defaults_for(backend: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over the backend's defaults: :func:`remote_options` for a remote one."""
+    return remote_options(options) if getattr(backend, "remote", False) else dict(options)
+
+
+def remote_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over :data:`REMOTE_DEFAULTS`.
+
+    A caller who sets the memory bound, the batch cap or the queue but not
+    ``ingest_concurrency`` gets as many ingest slots as three quarters of that bound hold
+    (at most the remote default, at least the engine's), so options valid before stay valid.
+    """
+    merged = {**REMOTE_DEFAULTS, **options}
+    if "ingest_concurrency" not in options and {"max_buffered_bytes", "max_batch_bytes", "ingest_queue_size"} & set(options):
+        base = EngineConfig()
+        try:
+            fits = (  # leaving the batcher a quarter of the bound
+                int(merged["max_buffered_bytes"]) * 3 // 4 // int(merged.get("max_batch_bytes", base.max_batch_bytes))
+                - int(merged.get("ingest_queue_size", base.ingest_queue_size))
+            )
+        except (TypeError, ValueError, ZeroDivisionError):
+            fits = REMOTE_DEFAULTS["ingest_concurrency"]  # invalid values: from_options names them
+        merged["ingest_concurrency"] = max(base.ingest_concurrency, min(REMOTE_DEFAULTS["ingest_concurrency"], fits))
+    return merged

@@ -17,6 +17,7 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .engine import Engine, EngineConfig
+from .engine.config import defaults_for
 from .engine.backends.base import Backend
 from .engine.backends.embedded import EmbeddedBackend
 from .engine.errors import ConfigError
@@ -61,7 +62,8 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         """``meter_provider`` / ``tracer_provider``: OpenTelemetry providers to report to
         (default: the global ones, i.e. the host's SDK, or no-op without one)."""
         super().__init__(serde=serde)
-        self.options = EngineConfig.from_options(**options)
+        # a remote backend (Kusto) gets its own defaults under the caller's options
+        self.options = EngineConfig.from_options(**defaults_for(backend, options))
         self.backend = backend
         self._inst = Instruments.for_backend(
             backend, meter_provider=meter_provider, tracer_provider=tracer_provider

@@ -307,6 +307,31 @@ def test_configuration_is_validated() -> None:
         assert saver.options.visibility_delay == delay, mode
 
 
+def test_kusto_gets_the_remote_defaults_under_the_callers_options() -> None:
+    from langgraph.checkpoint.kusto.engine.backends.embedded import EmbeddedBackend
+    from langgraph.checkpoint.kusto.engine.backends.faulty import FaultyBackend
+
+    def opts(**options: Any) -> Any:
+        return AsyncKustoSaver.from_connection_string(
+            "https://c.kusto.windows.net", "db", credential=_FakeCredential(), **options
+        ).options
+
+    # a round trip per ingest call: more slots, and a memory bound that holds them
+    o = opts()
+    assert (o.ingest_concurrency, o.max_buffered_bytes) == (16, 128 * 2**20)
+    assert o.batcher_buffer_bytes >= 32 * 2**20
+    assert opts(ingest_concurrency=2).ingest_concurrency == 2
+    # options valid before the remote defaults stay valid: the slots fit the bound given
+    o = opts(max_buffered_bytes=64 * 2**20)
+    assert (o.ingest_concurrency, o.batcher_buffer_bytes) == (8, 16 * 2**20)
+    assert opts(max_buffered_bytes=32 * 2**20, max_batch_bytes=2**20).ingest_concurrency == 16
+    # the embedded store keeps the engine's defaults, also behind a FaultyBackend
+    for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend())):
+        assert AsyncKustoSaver(local).options.ingest_concurrency == 4
+    assert AsyncKustoSaver(FaultyBackend(KustoBackend("https://c.kusto.windows.net", "db",
+                                                      credential=_FakeCredential()))).options.ingest_concurrency == 16
+
+
 class _FakeCredential:
     def get_token(self, *scopes: str, **kwargs: Any) -> Any:  # pragma: no cover - never called
         raise AssertionError("no network in this test")

@@ -136,6 +136,10 @@ def test_injected_latency_slows_every_backend_call_and_hiding_reports_the_ratio(
     assert c["target"] == 0.8 and c["ratio"] > 0
     assert c["ours"]["value"] == run["results"]["kusto-injected"]["ops_per_s"]
     assert "latency hiding (raw, ingest=80ms,query=30ms,dist=fixed)" in text
+    # the injected backend stands for Kusto: both runs use the remote defaults, and say so
+    for key in ("kusto-0ms", "kusto-injected"):
+        assert run["results"][key]["engine_options"]["ingest_concurrency"] == 16
+    assert "ingest_concurrency=16" in c["note"] and "engine options: ingest_concurrency=16" in text
 
 
 def test_faulty_backend_sleeps_per_call_without_blocking_others() -> None:

@@ -568,10 +568,15 @@ class KustoBackend:
     (``ingest_uri`` defaults to the cluster's ``ingest-`` endpoint) or ``"inline"``
     (``.ingest inline`` management commands: for the Kusto emulator and prototyping
     only, Kusto advises against it in production). ``query_timeout``: seconds, sent as
-    ``servertimeout`` (the client waits 30 s longer).
+    ``servertimeout`` (the client waits 30 s longer). ``threads``: worker threads for the
+    SDK's blocking calls, shared by ingestion and queries: 24 holds the remote defaults'
+    16 ingest slots and the engine's 8 queries at once, so reads never wait behind ingests.
     """
 
     name = "kusto"
+    #: every call is a network round trip: the engine applies its remote defaults
+    #: (``engine.config.REMOTE_DEFAULTS``: 16 ingest slots) under the caller's options
+    remote = True
 
     def __init__(
         self,
@@ -584,7 +589,7 @@ class KustoBackend:
         command_timeout: float = 600.0,
         ingest_uri: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        threads: int = 16,
+        threads: int = 24,
     ) -> None:
         from azure.kusto.data import KustoConnectionStringBuilder
 
