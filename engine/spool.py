@@ -51,7 +51,7 @@ import anyio
 import orjson
 
 from .errors import ConfigError, SpoolError
-from .records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec
+from .records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, json_bytes
 
 try:  # pragma: no cover - platform
     import fcntl
@@ -103,7 +103,7 @@ def decode_records(payload: bytes) -> list[Record]:
         if kind == "c":
             out.append(CheckpointRec(
                 item[1], item[2], item[3], item[4], item[5], item[6], item[7],
-                orjson.dumps(item[8], option=orjson.OPT_NON_STR_KEYS), item[9], item[10], item[11],
+                json_bytes(item[8]), item[9], item[10], item[11],
             ))
         elif kind == "b":
             out.append(BlobRec(*item[1:8]))

@@ -25,7 +25,7 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .engine.errors import ConfigError, KustoCheckpointError
-from .engine.records import BlobRec, Bundle, CheckpointRec, WriteRec, now_us
+from .engine.records import BlobRec, Bundle, CheckpointRec, WriteRec, json_bytes, now_us
 
 
 class SerializationError(KustoCheckpointError, TypeError):
@@ -134,7 +134,7 @@ def _metadata_json(config: Any, metadata: CheckpointMetadata) -> bytes:
     except (AttributeError, TypeError) as exc:
         raise ConfigError(f"config['metadata'] / config['configurable'] must be dicts: {exc}") from exc
     try:
-        return orjson.dumps(meta, option=orjson.OPT_NON_STR_KEYS)
+        return json_bytes(meta)
     except TypeError as exc:
         bad = [k for k, v in meta.items() if not _jsonable(v)]
         raise SerializationError(

@@ -713,3 +713,21 @@ def test_payload_base64_round_trips_and_tolerates_line_breaks() -> None:
     wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # not strict base64
     assert _unb64(wrapped) == data
     assert _b64(b"") == "" and _unb64("") == b""
+
+
+def test_metadata_json_kept_by_records_is_right_sized() -> None:
+    """orjson returns small documents in 4 KB buffers; a cached record must not keep one."""
+    import tracemalloc
+
+    from langgraph.checkpoint.kusto.engine.records import json_bytes
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        kept = [json_bytes({"source": "loop", "step": i, "parents": {}}) for i in range(500)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert grown / len(kept) < 512, grown / len(kept)
+    assert kept[3] == b'{"source":"loop","step":3,"parents":{}}'
