@@ -177,12 +177,22 @@ async def report_scale(cfg: LoadTestConfig, on_event: OnEvent = None, *, large_a
             ours=(f"{large_agents} agents", large.get("checkpoints_per_s"), "checkpoints/s"),
             base=(f"{cfg.agents} agents", small.get("checkpoints_per_s"), "checkpoints/s"),
             note=(f"peak RSS {_mib(large.get('peak_rss_bytes'))} at {large_agents} agents, "
-                  f"{_mib(small.get('peak_rss_bytes'))} at {cfg.agents}"),
+                  f"{_mib(small.get('peak_rss_bytes'))} at {cfg.agents}; " + "; ".join(
+                      _gc_share(r, n) for r, n in ((large, large_agents), (small, cfg.agents)))),
         )
     ]
     passed = all(r["passed"] for r in runs.values())
     return {"report": "scale", "config": asdict(cfg), "agents": [cfg.agents, large_agents], "rss": rss,
             "runs": runs, "checks": checks, "passed": passed}
+
+
+def _gc_share(r: dict[str, Any], agents: int) -> str:
+    """Where a run's time went besides the saver: the garbage collector over the live heap."""
+    if r.get("gc_s") is None or not r.get("elapsed_s"):
+        return f"GC not measured at {agents} agents"
+    full = (r.get("gc_collections") or [0, 0, 0])[2]
+    return (f"GC {r['gc_s']:.1f} s of {r['elapsed_s']:.1f} s at {agents} agents "
+            f"({r['gc_s'] / r['elapsed_s']:.0%}, {full} full collections)")
 
 
 def _mib(n: float | None) -> str:

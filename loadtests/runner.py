@@ -217,6 +217,32 @@ class Variant:
     telemetry: str | None = None
 
 
+class GcClock:
+    """Time the cyclic garbage collector takes while a run writes (``gc.callbacks``):
+    it grows with the live heap (suspended agents' state), not with the saver's work."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.collections[info["generation"]] += 1
+
+    def start(self) -> GcClock:
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def stop(self) -> None:
+        """Idempotent: also called on the way out of a failed run."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+
 class TelemetryProbe:
     """The SDK providers of a telemetry-on run, and what they collected.
 
@@ -548,6 +574,7 @@ async def run_target(
 
     gc.collect()
     emit({"event": "start", "target": key, "label": target.label, "ops": total})
+    gc_clock = GcClock()
     try:
         async with RssSampler(cfg.sample_interval) as rss:
             t_open = time.perf_counter()
@@ -555,6 +582,8 @@ async def run_target(
                 time_saver_calls(saver, latencies)
                 await hooks.opened(target, saver)
                 t0 = time.perf_counter()
+                cpu0 = time.process_time()
+                gc_clock.start()
                 if cfg.workload == "graph":
                     graph = wl.build_graph(shape).compile(checkpointer=saver)
 
@@ -577,6 +606,10 @@ async def run_target(
                 t_run = time.perf_counter()
                 await target.finish(saver)
                 t_stored = time.perf_counter()
+                gc_clock.stop()
+                out["cpu_s"] = time.process_time() - cpu0
+                out["gc_s"] = gc_clock.seconds
+                out["gc_collections"] = gc_clock.collections
                 out["engine"] = target.stats(saver)
                 t_close = time.perf_counter()
             t_closed = time.perf_counter()
@@ -634,6 +667,7 @@ async def run_target(
         out["traceback"] = traceback.format_exc()
         emit({"event": "error", "target": key, "error": out["error"]})
     finally:
+        gc_clock.stop()
         target.cleanup()
     out["passed"] = (
         out["error"] is None

@@ -248,6 +248,9 @@ def test_scale_report_reports_both_sizes() -> None:
     small = res["runs"]["3_agents"]["results"]["kusto-3-agents"]
     assert small["checkpoints_per_s"] == pytest.approx(3 * 2 / small["elapsed_s"])
     assert "sampled threads verified" in text
+    for r in (small, large):  # the garbage collector's share, measured over the write phase
+        assert 0 <= r["gc_s"] <= r["cpu_s"] + 0.5 and len(r["gc_collections"]) == 3
+    assert "GC " in res["checks"][0]["note"] and "full collections" in res["checks"][0]["note"]
 
 
 def test_acceptance_runs_every_section_in_its_own_process(tmp_path) -> None:
