@@ -716,7 +716,7 @@ def test_payload_base64_round_trips_and_tolerates_line_breaks() -> None:
 
 
 def test_metadata_json_kept_by_records_is_right_sized() -> None:
-    """orjson returns small documents in 4 KB buffers; a cached record must not keep one."""
+    """orjson returns documents in buffers many times their size; a cached record must not keep one."""
     import tracemalloc
 
     from langgraph.checkpoint.kusto.engine.records import json_bytes
@@ -725,9 +725,13 @@ def test_metadata_json_kept_by_records_is_right_sized() -> None:
     try:
         before = tracemalloc.take_snapshot()
         kept = [json_bytes({"source": "loop", "step": i, "parents": {}}) for i in range(500)]
+        small = tracemalloc.take_snapshot()
+        large = [json_bytes({"note": "x" * 3000, "step": i}) for i in range(100)]
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
-    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    grown = sum(s.size_diff for s in small.compare_to(before, "filename"))
     assert grown / len(kept) < 512, grown / len(kept)
+    grown = sum(s.size_diff for s in after.compare_to(small, "filename"))
+    assert grown / len(large) < 4096, grown / len(large)
     assert kept[3] == b'{"source":"loop","step":3,"parents":{}}'
