@@ -263,11 +263,12 @@ class TelemetryProbe:
         if kind not in ("metrics", "traces") or (ratio_text and kind != "traces"):
             raise ValueError(f"telemetry mode must be 'metrics', 'traces' or 'traces@RATIO', got {mode!r}")
         self.mode = mode
+        self.tracing = kind == "traces"
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
         self.exporter = InMemorySpanExporter()
         self.tracer_provider: Any
-        if kind == "metrics":
+        if not self.tracing:
             self.tracer_provider = trace.NoOpTracerProvider()
         else:
             sampler = ParentBased(TraceIdRatioBased(float(ratio_text))) if ratio_text else None
@@ -289,7 +290,7 @@ class TelemetryProbe:
                     metrics_seen.add(m.name)
                     points += len(m.data.data_points)
         spans = 0
-        if hasattr(self.tracer_provider, "force_flush"):  # an SDK provider, not the no-op one
+        if self.tracing:
             self.tracer_provider.force_flush()
             spans = len(self.exporter.get_finished_spans())
             self.tracer_provider.shutdown()

@@ -19,7 +19,6 @@ from typing import Any
 import anyio
 
 from ...telemetry import names
-
 from .. import kql
 from ..actor import Actor
 from ..errors import KustoCheckpointError
