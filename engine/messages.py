@@ -42,7 +42,7 @@ class Put(Message):
     def __init__(
         self,
         records: list[Record],
-        rows: list[tuple[str, dict[str, Any], int, int]],
+        rows: list[tuple[Record, int, int]],
         nbytes: int,
         reply: Reply[Any] | None,
         ticket: Ticket | None = None,
@@ -51,7 +51,7 @@ class Put(Message):
     ) -> None:
         super().__init__(reply)
         self.records = records
-        #: (table, row, seq of its record, payload bytes)
+        #: (record, part, bytes counted against the memory bound) per physical row
         self.rows = rows
         self.nbytes = nbytes
         self.ticket = ticket
@@ -80,13 +80,22 @@ class Tick(Message):
 class Batch:
     batch_id: int
     table: str
-    rows: list[dict[str, Any]]
-    seqs: list[int]
+    #: the rows as the puts brought them, ``(record, part, size)``; their dicts are
+    #: built by :meth:`materialize` only when the batch is ingested
+    refs: list[tuple[Record, int, int]]
     tickets: list[Ticket]
     nbytes: int
     attempts: int = 0
     #: the traced puts whose rows this batch carries (telemetry.Links), for span links
     links: Any = None
+
+    def materialize(self, cell_limit: int) -> list[dict[str, Any]]:
+        """The backend's rows (one dict per row, see ``engine.backends.base``)."""
+        return [rec.row(part, cell_limit) for rec, part, _ in self.refs]
+
+    def seqs(self) -> list[int]:
+        """The acceptance sequence number of each row's record (the cache counts rows per record)."""
+        return [ref[0].seq for ref in self.refs]
 
 
 class IngestBatch(Message):

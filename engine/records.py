@@ -100,28 +100,37 @@ class CheckpointRec:
     def nbytes(self) -> int:
         return len(self.payload) + len(self.metadata_json) + 256
 
+    def parts(self, cell_limit: int) -> int:
+        return 1  # the saver refuses a checkpoint body over cell_limit
+
+    def row(self, part: int, cell_limit: int) -> dict[str, Any]:
+        return {
+            "thread_id": self.thread_id,
+            "checkpoint_ns": self.checkpoint_ns,
+            "checkpoint_id": self.checkpoint_id,
+            "parent_checkpoint_id": self.parent_checkpoint_id,
+            "run_id": self.run_id,
+            "channel_versions": self.channel_versions,
+            "new_versions": self.new_versions,
+            "metadata": JsonText(self.metadata_json),
+            "payload_type": self.payload_type,
+            "payload": self.payload,
+            "written_at": self.written_at,
+        }
+
     def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        return [
-            {
-                "thread_id": self.thread_id,
-                "checkpoint_ns": self.checkpoint_ns,
-                "checkpoint_id": self.checkpoint_id,
-                "parent_checkpoint_id": self.parent_checkpoint_id,
-                "run_id": self.run_id,
-                "channel_versions": self.channel_versions,
-                "new_versions": self.new_versions,
-                "metadata": JsonText(self.metadata_json),
-                "payload_type": self.payload_type,
-                "payload": self.payload,
-                "written_at": self.written_at,
-            }
-        ]
+        return [self.row(0, cell_limit)]
 
 
-def _chunks(payload: str, cell_limit: int) -> list[str]:
+def _parts(payload: str, cell_limit: int) -> int:
+    """How many rows (chunks of at most ``cell_limit`` characters) a payload takes."""
+    return max(1, -(-len(payload) // cell_limit))
+
+
+def _part(payload: str, part: int, cell_limit: int) -> str:
     if len(payload) <= cell_limit:
-        return [payload]
-    return [payload[i : i + cell_limit] for i in range(0, len(payload), cell_limit)]
+        return payload
+    return payload[part * cell_limit : (part + 1) * cell_limit]
 
 
 @dataclass(slots=True)
@@ -147,22 +156,24 @@ class BlobRec:
     def nbytes(self) -> int:
         return len(self.payload) + 160
 
+    def parts(self, cell_limit: int) -> int:
+        return _parts(self.payload, cell_limit)
+
+    def row(self, part: int, cell_limit: int) -> dict[str, Any]:
+        return {
+            "thread_id": self.thread_id,
+            "checkpoint_ns": self.checkpoint_ns,
+            "channel": self.channel,
+            "version": self.version,
+            "payload_type": self.payload_type,
+            "payload": _part(self.payload, part, cell_limit),
+            "chunk": part,
+            "chunks": _parts(self.payload, cell_limit),
+            "written_at": self.written_at,
+        }
+
     def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        parts = _chunks(self.payload, cell_limit)
-        return [
-            {
-                "thread_id": self.thread_id,
-                "checkpoint_ns": self.checkpoint_ns,
-                "channel": self.channel,
-                "version": self.version,
-                "payload_type": self.payload_type,
-                "payload": part,
-                "chunk": i,
-                "chunks": len(parts),
-                "written_at": self.written_at,
-            }
-            for i, part in enumerate(parts)
-        ]
+        return [self.row(i, cell_limit) for i in range(self.parts(cell_limit))]
 
 
 @dataclass(slots=True)
@@ -190,25 +201,27 @@ class WriteRec:
     def nbytes(self) -> int:
         return len(self.payload) + 200
 
+    def parts(self, cell_limit: int) -> int:
+        return _parts(self.payload, cell_limit)
+
+    def row(self, part: int, cell_limit: int) -> dict[str, Any]:
+        return {
+            "thread_id": self.thread_id,
+            "checkpoint_ns": self.checkpoint_ns,
+            "checkpoint_id": self.checkpoint_id,
+            "task_id": self.task_id,
+            "task_path": self.task_path,
+            "idx": self.idx,
+            "channel": self.channel,
+            "payload_type": self.payload_type,
+            "payload": _part(self.payload, part, cell_limit),
+            "chunk": part,
+            "chunks": _parts(self.payload, cell_limit),
+            "written_at": self.written_at,
+        }
+
     def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        parts = _chunks(self.payload, cell_limit)
-        return [
-            {
-                "thread_id": self.thread_id,
-                "checkpoint_ns": self.checkpoint_ns,
-                "checkpoint_id": self.checkpoint_id,
-                "task_id": self.task_id,
-                "task_path": self.task_path,
-                "idx": self.idx,
-                "channel": self.channel,
-                "payload_type": self.payload_type,
-                "payload": part,
-                "chunk": i,
-                "chunks": len(parts),
-                "written_at": self.written_at,
-            }
-            for i, part in enumerate(parts)
-        ]
+        return [self.row(i, cell_limit) for i in range(self.parts(cell_limit))]
 
 
 def newer_write(old: WriteRec, new: WriteRec) -> WriteRec:
@@ -242,17 +255,21 @@ class TombstoneRec:
     def nbytes(self) -> int:
         return 200
 
+    def parts(self, cell_limit: int) -> int:
+        return 1
+
+    def row(self, part: int, cell_limit: int) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "thread_id": self.thread_id,
+            "checkpoint_ns": self.checkpoint_ns,
+            "checkpoint_id": self.checkpoint_id,
+            "run_id": self.run_id,
+            "deleted_at": self.deleted_at,
+        }
+
     def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        return [
-            {
-                "scope": self.scope,
-                "thread_id": self.thread_id,
-                "checkpoint_ns": self.checkpoint_ns,
-                "checkpoint_id": self.checkpoint_id,
-                "run_id": self.run_id,
-                "deleted_at": self.deleted_at,
-            }
-        ]
+        return [self.row(0, cell_limit)]
 
     def covers_checkpoint(self, rec: CheckpointRec) -> bool:
         if self.scope == schema.SCOPE_THREAD:

@@ -26,8 +26,8 @@ from ..messages import Accept, Batch, Drain, Flush, IngestBatch, Put, Tick, Tick
 
 @dataclass
 class TableBuffer:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
+    #: ``(record, part, size)`` per row, the very tuples the puts brought
+    rows: list[tuple[Any, int, int]] = field(default_factory=list)
     tickets: list[Ticket] = field(default_factory=list)
     nbytes: int = 0
     oldest: float = 0.0
@@ -82,7 +82,9 @@ class Batcher(Actor):
             await self.runtime.mailbox("cache").send(Accept(msg.records, reply, msg.update_views))
         now = time.monotonic()
         full: set[str] = set()
-        for table, row, seq, nbytes in msg.rows:
+        for row in msg.rows:
+            table = row[0].table
+            nbytes = row[2]
             buf = st.buffers.get(table)
             if buf is None:
                 buf = st.buffers[table] = TableBuffer()
@@ -93,7 +95,6 @@ class Batcher(Actor):
                 buf = st.buffers[table]
                 buf.oldest = now
             buf.rows.append(row)
-            buf.seqs.append(seq)
             if msg.trace is not None:
                 buf.links = add_link(buf.links, msg.trace)
             if msg.ticket is not None:
@@ -129,8 +130,7 @@ class Batcher(Actor):
         batch = Batch(
             batch_id=st.next_batch_id,
             table=table,
-            rows=buf.rows,
-            seqs=buf.seqs,
+            refs=buf.rows,
             tickets=buf.tickets,
             nbytes=buf.nbytes,
             links=buf.links,

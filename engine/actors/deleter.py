@@ -42,8 +42,9 @@ log = logging.getLogger("langgraph.checkpoint.kusto.compaction")
 
 
 #: what one buffered row costs besides its payload text, counted against the memory
-#: bound: its record (104-128 bytes), row dict (272-464), batch tuple (72) and the
-#: record's own strings (ids, versions: 400-840), measured with sys.getsizeof
+#: bound: its record (104-128 bytes), its (record, part, size) reference in the
+#: batcher (64), the record's own strings (ids, versions: 400-840) and the row dict
+#: built for it while its batch is being ingested (272-464), measured with sys.getsizeof
 ROW_OVERHEAD = 1024
 
 
@@ -53,17 +54,26 @@ def make_put(
 ) -> Put:
     """Build a batcher ``Put`` from records (runs in the sender's task).
 
+    A row is a ``(record, part, size)`` reference; its dict is built only when its
+    batch is ingested (``Batch.materialize``), so buffered rows hold no copies.
     ``spooled=False``: records replayed from the spool (they are on disk already)."""
     cell = runtime.config.cell_limit
-    rows: list[tuple[str, dict[str, Any], int, int]] = []
+    rows: list[tuple[Record, int, int]] = []
     nbytes = 0
     for rec in records:
         if not rec.seq:
             rec.seq = next_seq()
-        for row in rec.rows(cell):
-            size = len(row.get("payload") or "") + ROW_OVERHEAD
-            rows.append((rec.table, row, rec.seq, size))
+        payload = getattr(rec, "payload", "")
+        n = rec.parts(cell)
+        if n == 1:
+            size = len(payload) + ROW_OVERHEAD
+            rows.append((rec, 0, size))
             nbytes += size
+        else:
+            for part in range(n):
+                size = min(cell, len(payload) - part * cell) + ROW_OVERHEAD
+                rows.append((rec, part, size))
+                nbytes += size
     ticket = Ticket(len(rows), ticket_reply) if ticket_reply is not None else None
     spool = runtime.spool  # durability="spool": encode here, in the sender's task
     payload = encode_records(records) if spool is not None and spooled else None

@@ -91,22 +91,24 @@ class Ingestor(Actor):
             st.retries += 1
             inst.ingest_retries.add(1, inst.attrs(**{names.TABLE: batch.table}))
 
+        nrows = len(batch.refs)
         try:
-            with inst.ingest_span(batch.table, len(batch.rows), batch.links):
-                await retrying(cfg, lambda: rt.backend.ingest(batch.table, batch.rows), count_retry)
+            with inst.ingest_span(batch.table, nrows, batch.links):
+                rows = batch.materialize(cfg.cell_limit)
+                await retrying(cfg, lambda: rt.backend.ingest(batch.table, rows), count_retry)
         except Exception as exc:  # noqa: BLE001 - reported to every waiter below
             why = f"after {cfg.max_retries} retries" if isinstance(exc, TransientBackendError) else "(not retryable)"
-            error = IngestError(f"could not ingest {len(batch.rows)} row(s) into {batch.table} {why}: {exc}")
+            error = IngestError(f"could not ingest {nrows} row(s) into {batch.table} {why}: {exc}")
             error.__cause__ = exc
         elapsed = time.perf_counter() - started
         outcome = "ok" if error is None else "failed"
         inst.ingest_duration.record(elapsed, inst.attrs(**{names.TABLE: batch.table, names.OUTCOME: outcome}))
         inst.ingest_batches.add(1, inst.attrs(**{names.TABLE: batch.table, names.OUTCOME: outcome}))
         if error is None:
-            inst.batch_rows.record(len(batch.rows), inst.attrs(**{names.TABLE: batch.table}))
+            inst.batch_rows.record(nrows, inst.attrs(**{names.TABLE: batch.table}))
             inst.batch_bytes.record(batch.nbytes, inst.attrs(**{names.TABLE: batch.table}))
         # tell the cache first: its overlay must know before anyone is told "done"
-        await rt.mailbox("cache").send(Ingested(batch.seqs, error))
+        await rt.mailbox("cache").send(Ingested(batch.seqs(), error))
         # tickets: puts waiting for "ingested", and spooled puts (engine/spool.py
         # SpoolTicket: its segment is deleted once all its rows are confirmed here)
         for ticket in batch.tickets:
@@ -116,7 +118,7 @@ class Ingestor(Actor):
                 ticket.reply.fail(error)
         if error is None:
             st.batches_ok += 1
-            st.rows_ingested += len(batch.rows)
+            st.rows_ingested += nrows
         else:
             st.batches_failed += 1
             rt.ingest_errors.append(error)
