@@ -152,18 +152,20 @@ class EngineConfig:
                 f"({self.max_batch_bytes}): one chunk must fit in one ingest request"
             )
         if self.batcher_buffer_bytes < self.max_batch_bytes:
-            need = (self.ingest_queue_size + self.ingest_concurrency + 1) * self.max_batch_bytes
+            need = (self.ingest_queue_size + self.ingest_concurrency + 2) * self.max_batch_bytes
             raise ConfigError(
                 f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least "
-                f"(ingest_queue_size + ingest_concurrency + 1) * max_batch_bytes = {need}: "
+                f"(ingest_queue_size + ingest_concurrency + 2) * max_batch_bytes = {need}: "
                 "queued and in-flight batches count against the bound; lower "
                 "max_batch_bytes or raise max_buffered_bytes"
             )
 
     @property
     def batcher_buffer_bytes(self) -> int:
-        """What the batcher may hold: the bound less the queued and in-flight batches."""
-        in_flight = (self.ingest_queue_size + self.ingest_concurrency) * self.max_batch_bytes
+        """What the batcher may hold: the bound less the batches past it: those queued in
+        the ingestor's mailbox, the one the ingestor holds while it waits for a free slot,
+        and those in flight."""
+        in_flight = (self.ingest_queue_size + 1 + self.ingest_concurrency) * self.max_batch_bytes
         return self.max_buffered_bytes - in_flight
 
     @classmethod
@@ -195,7 +197,7 @@ def remote_options(options: dict[str, Any]) -> dict[str, Any]:
         try:
             fits = (  # leaving the batcher a quarter of the bound
                 int(merged["max_buffered_bytes"]) * 3 // 4 // int(merged.get("max_batch_bytes", base.max_batch_bytes))
-                - int(merged.get("ingest_queue_size", base.ingest_queue_size))
+                - int(merged.get("ingest_queue_size", base.ingest_queue_size)) - 1
             )
         except (TypeError, ValueError, ZeroDivisionError):
             fits = REMOTE_DEFAULTS["ingest_concurrency"]  # invalid values: from_options names them

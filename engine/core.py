@@ -197,6 +197,9 @@ class Engine:
         non-blocking sends and no yield in between, so the put is applied to
         both or to neither, and no reply is awaited. A read sent afterwards
         reaches the cache's FIFO behind the ``Accept``: read-your-writes holds.
+        While a put that went the slow way waits in the batcher's mailbox the fast
+        path is closed: the bytes queued ahead of it are then all buffered when the
+        batcher takes it, so together they stay within the bound.
         Otherwise (backpressure) the put waits for room in the batcher's
         mailbox, the batcher hands the records to the cache, and the cache
         replies once they are in the overlay.
@@ -211,17 +214,23 @@ class Engine:
                 msg = make_put(rt, records, None, ticket_reply=ingested)
                 b: BatcherState = self._states["batcher"]
                 if (
-                    rt.spool is None and batcher.has_room() and cache.has_room()
+                    rt.spool is None and not b.waiting_puts and batcher.has_room() and cache.has_room()
                     and b.queued_bytes + b.buffered_bytes + msg.nbytes <= cfg.batcher_buffer_bytes
                 ):
-                    msg.accepted = True
+                    msg.accepted = msg.queued = True
                     b.queued_bytes += msg.nbytes
                     cache.send_nowait(Accept(records, None, msg.update_views))
                     batcher.send_nowait(msg)
                 else:
                     msg.reply = rt.reply()
                     started = time.perf_counter()
-                    await self._send(rt, "batcher", msg)
+                    msg.waited = True
+                    b.waiting_puts += 1
+                    try:
+                        await self._send(rt, "batcher", msg)
+                    except BaseException:
+                        b.waiting_puts -= 1  # not enqueued: a send enqueues or raises, never both
+                        raise
                     inst = self.instruments
                     inst.backpressure_wait.record(
                         time.perf_counter() - started, inst.bound(names.DB_OPERATION_NAME, operation)

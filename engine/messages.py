@@ -37,7 +37,7 @@ class Ticket:
 
 
 class Put(Message):
-    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "accepted", "trace", "spool")
+    __slots__ = ("records", "rows", "nbytes", "ticket", "update_views", "accepted", "waited", "queued", "trace", "spool")
 
     def __init__(
         self,
@@ -58,6 +58,11 @@ class Put(Message):
         self.update_views = update_views
         #: the sender already handed the records to the query cache (fast path)
         self.accepted = False
+        #: sent by ``Engine.put`` the slow way (counted in ``BatcherState.waiting_puts``
+        #: until the batcher takes it)
+        self.waited = False
+        #: its bytes are in ``BatcherState.queued_bytes`` until the batcher buffers its rows
+        self.queued = False
         self.trace = capture()
         #: durability="spool": the records encoded for the spool (bytes), then, once
         #: the batcher admitted the put, its spool entry; None: not spooled

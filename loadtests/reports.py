@@ -298,7 +298,7 @@ def _max_batch_for(bound: int, opts: dict[str, Any]) -> int:
     from langgraph.checkpoint.kusto import EngineConfig
 
     d = EngineConfig()
-    slots = opts.get("ingest_queue_size", d.ingest_queue_size) + opts.get("ingest_concurrency", d.ingest_concurrency) + 1
+    slots = opts.get("ingest_queue_size", d.ingest_queue_size) + opts.get("ingest_concurrency", d.ingest_concurrency) + 2
     return max(1, bound // slots)
 
 

@@ -354,6 +354,43 @@ async def test_backpressure_bounds_memory_while_the_backend_is_stalled(durabilit
         assert saver.engine.stats()["buffered_bytes"] == 0
 
 
+async def test_the_bound_holds_with_every_stage_past_the_batcher_full() -> None:
+    """Stalled: the ingest slots, the ingestor's mailbox, the batch the ingestor holds while
+    it waits for a slot and the batcher's share all fill up; together they stay in the bound."""
+    bound, batch = 1024 * 1024, 64 * 1024
+    saver, backend = saver_on(
+        max_buffered_bytes=bound, max_batch_bytes=batch, cell_limit=batch, ingest_queue_size=4,
+        ingest_concurrency=4, batch_size=500, mailbox_size=1024, flush_interval=60.0,
+    )
+    assert saver.options.batcher_buffer_bytes == bound - (4 + 1 + 4) * batch
+    async with saver:
+        backend.stall()
+        peak = 0
+
+        async def writer(i: int) -> None:
+            cfg: dict[str, Any] = {"configurable": {"thread_id": f"t{i}", "checkpoint_ns": ""}}
+            for step in range(20):
+                cp, versions = checkpoint(step, ["y" * 2500])
+                cfg = await saver.aput(cfg, cp, {"step": step}, versions)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(writer, i)
+            quiet, last = 0, -1
+            with anyio.fail_after(10):
+                while quiet < 20:  # until nothing moves for 0.1 s: every stage is as full as it gets
+                    await anyio.sleep(0.005)
+                    now = saver.engine.buffered_bytes()
+                    quiet, last = (quiet + 1 if now == last else 0), now
+                    peak = max(peak, now)
+            try:
+                assert peak > bound // 2, f"the stages did not fill up ({peak} of {bound})"
+                assert peak <= bound, (peak, bound)
+            finally:
+                backend.resume()
+        await saver.flush()
+
+
 @pytest.mark.parametrize("durability", ["memory", "spool"])
 async def test_put_timeout_under_a_stalled_backend_then_every_accepted_row_lands(durability: str, tmp_path: Any) -> None:
     saver, backend = saver_on(

@@ -323,7 +323,7 @@ def test_kusto_gets_the_remote_defaults_under_the_callers_options() -> None:
     assert opts(ingest_concurrency=2).ingest_concurrency == 2
     # options valid before the remote defaults stay valid: the slots fit the bound given
     o = opts(max_buffered_bytes=64 * 2**20)
-    assert (o.ingest_concurrency, o.batcher_buffer_bytes) == (8, 16 * 2**20)
+    assert (o.ingest_concurrency, o.batcher_buffer_bytes) == (7, 16 * 2**20)
     assert opts(max_buffered_bytes=32 * 2**20, max_batch_bytes=2**20).ingest_concurrency == 16
     # the embedded store keeps the engine's defaults, also behind a FaultyBackend
     for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend())):

@@ -49,6 +49,10 @@ class BatcherState:
     #: (the engine admits a fast-path put only while this plus ``buffered_bytes``
     #: stays within ``batcher_buffer_bytes``: the memory bound counts them)
     queued_bytes: int = 0
+    #: puts ``Engine.put`` sent the slow way that the batcher has not taken yet: while
+    #: there is one, the fast path is closed, so the queued bytes ahead of it are all
+    #: buffered by the time the batcher takes it and counts its bytes as queued
+    waiting_puts: int = 0
 
 
 class Batcher(Actor):
@@ -73,6 +77,11 @@ class Batcher(Actor):
     async def _put(self, msg: Put) -> None:
         st = self.state
         cfg = self.runtime.config
+        if msg.waited:  # taken from the mailbox: from now on its bytes count as queued
+            msg.waited = False
+            st.waiting_puts -= 1
+            msg.queued = True
+            st.queued_bytes += msg.nbytes
         if st.buffered_bytes and st.buffered_bytes + msg.nbytes > cfg.batcher_buffer_bytes:
             await self._flush_all()
         if not msg.accepted:  # else the caller handed the records to the cache (fast path)
@@ -101,11 +110,12 @@ class Batcher(Actor):
                 buf.tickets.append(msg.ticket)
             buf.nbytes += nbytes
             st.buffered_bytes += nbytes
+            if msg.queued:  # moved from queued to buffered, row by row: a _send above
+                st.queued_bytes -= nbytes  # may block mid-put, and nothing may count twice
             st.rows_in += 1
             if len(buf.rows) >= cfg.batch_size or buf.nbytes >= cfg.max_batch_bytes:
                 full.add(table)
-        if msg.accepted:
-            st.queued_bytes -= msg.nbytes
+        msg.queued = False
         if st.buffered_bytes > st.peak_buffered_bytes:
             st.peak_buffered_bytes = st.buffered_bytes
         for table in full:
