@@ -118,9 +118,6 @@ class CheckpointRec:
             "written_at": self.written_at,
         }
 
-    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        return [self.row(0, cell_limit)]
-
 
 def _parts(payload: str, cell_limit: int) -> int:
     """How many rows (chunks of at most ``cell_limit`` characters) a payload takes."""
@@ -172,9 +169,6 @@ class BlobRec:
             "written_at": self.written_at,
         }
 
-    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        return [self.row(i, cell_limit) for i in range(self.parts(cell_limit))]
-
 
 @dataclass(slots=True)
 class WriteRec:
@@ -220,9 +214,6 @@ class WriteRec:
             "written_at": self.written_at,
         }
 
-    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        return [self.row(i, cell_limit) for i in range(self.parts(cell_limit))]
-
 
 def newer_write(old: WriteRec, new: WriteRec) -> WriteRec:
     """Which of two writes with the same key stands.
@@ -267,9 +258,6 @@ class TombstoneRec:
             "run_id": self.run_id,
             "deleted_at": self.deleted_at,
         }
-
-    def rows(self, cell_limit: int) -> list[dict[str, Any]]:
-        return [self.row(0, cell_limit)]
 
     def covers_checkpoint(self, rec: CheckpointRec) -> bool:
         if self.scope == schema.SCOPE_THREAD:

@@ -242,6 +242,12 @@ class GcClock:
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
 
+    def __enter__(self) -> GcClock:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
 
 class TelemetryProbe:
     """The SDK providers of a telemetry-on run, and what they collected.

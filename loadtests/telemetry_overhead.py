@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from ..aio import AsyncKustoSaver
 from ..engine import messages as _messages
 from ..telemetry.instruments import Instruments
 from . import workloads as wl
+from .runner import GcClock
 
 MODES = ("stripped", "off", "metrics", "traced", "exported", "sampled")
 
@@ -113,27 +113,6 @@ def _stripped() -> Iterator[None]:
         Instruments.timed, Instruments.query, _messages.capture = saved  # type: ignore[method-assign]
 
 
-class _GcClock:
-    """Wall time spent in Python's cyclic garbage collector while active."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._started = 0.0
-
-    def _callback(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._started
-
-    def __enter__(self) -> _GcClock:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        gc.callbacks.remove(self._callback)
-
-
 async def _run(workload: str, agents: int, steps: int, mode: str, options: dict[str, Any]) -> dict[str, Any]:
     providers, keep = _providers(mode)
     saver = AsyncKustoSaver.embedded(":memory:", **providers, **options)
@@ -152,7 +131,7 @@ async def _run(workload: str, agents: int, steps: int, mode: str, options: dict[
 
             await wl.raw_agent(saver, "warmup", 3)
         threads = [f"t{i}" for i in range(agents)]
-        with _GcClock() as gc_clock:
+        with GcClock() as gc_clock:
             wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
             outcome = await wl.run_agents(threads, agent)
             await saver.flush()

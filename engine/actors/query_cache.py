@@ -38,12 +38,6 @@ from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, Writ
 from ..schema import SCOPE_RUN
 
 
-def _rows_of(rec: Record, cell_limit: int) -> int:
-    if isinstance(rec, (BlobRec, WriteRec)):
-        return max(1, -(-len(rec.payload) // cell_limit))
-    return 1
-
-
 @dataclass
 class Overlay:
     by_seq: dict[int, Record] = field(default_factory=dict)
@@ -196,7 +190,7 @@ class QueryCache(Actor):
         ov = self.state
         cell = self.runtime.config.cell_limit
         for rec in msg.records:
-            ov.add(rec, _rows_of(rec, cell))
+            ov.add(rec, rec.parts(cell))
         for rec in msg.records:
             if isinstance(rec, CheckpointRec):
                 if msg.update_views:
