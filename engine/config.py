@@ -66,7 +66,8 @@ class EngineConfig:
     #: them (0 when the backend shows an acknowledged row at once, as the embedded
     #: store and streaming ingestion do; raise it for queued ingestion)
     visibility_delay: float = 0.0
-    #: largest payload cell, in characters; larger values are split into chunks
+    #: largest payload cell, in characters of base64 text (Kusto's unit); larger
+    #: values are split into chunks of ``cell_limit // 4 * 3`` bytes
     cell_limit: int = 1_000_000
     #: "memory": a put returns once the engine accepted it; "spool": once it is also
     #: in the local spool file, fsync'd (replayed on the next start); "ingested":
@@ -146,6 +147,8 @@ class EngineConfig:
             raise ConfigError(
                 f"supervision must be one of {SUPERVISION_STRATEGIES}, got {self.supervision!r}"
             )
+        if self.cell_limit < 4:
+            raise ConfigError(f"cell_limit must be at least 4 (one base64 group), got {self.cell_limit}")
         if self.cell_limit > self.max_batch_bytes:
             raise ConfigError(
                 f"cell_limit ({self.cell_limit}) must not exceed max_batch_bytes "

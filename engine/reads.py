@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from .records import BlobRec, CheckpointRec, WriteRec, json_bytes, newer_write, to_micros
+from .records import BlobRec, CheckpointRec, WriteRec, json_bytes, newer_write, payload_bytes, to_micros
 
 
 def _dyn(value: Any) -> Any:
@@ -38,17 +38,22 @@ def checkpoint_from_row(row: dict[str, Any]) -> CheckpointRec:
         new_versions=_versions(row.get("new_versions")),
         metadata_json=json_bytes(meta if meta is not None else {}),
         payload_type=row.get("payload_type") or "",
-        payload=row.get("payload") or "",
+        payload=payload_bytes(row.get("payload")),
         written_at=to_micros(row["written_at"]),
     )
 
 
-def _assemble(parts: dict[int, str], chunks: int) -> tuple[str, bool]:
+def _assemble(parts: dict[int, Any], chunks: int) -> tuple[bytes, bool]:
+    """The payload from its chunks: bytes (BLOB cells), or base64 texts (Kusto), which
+    are joined before decoding (a chunk's text need not end on a 4-character group)."""
     if chunks <= 1:
-        return parts.get(0, ""), 0 in parts
+        return payload_bytes(parts.get(0)), 0 in parts
     if len(parts) < chunks or any(i not in parts for i in range(chunks)):
-        return "", False
-    return "".join(parts[i] for i in range(chunks)), True
+        return b"", False
+    cells = [parts[i] for i in range(chunks)]
+    if all(isinstance(c, str) for c in cells):
+        return payload_bytes("".join(cells)), True
+    return b"".join(payload_bytes(c) for c in cells), True
 
 
 def values_from_rows(
@@ -59,8 +64,8 @@ def values_from_rows(
     Duplicated rows (a retried batch) are identical, so any copy serves. Of two
     *different* writes with one key, :func:`newer_write` decides.
     """
-    blob_parts: dict[tuple[Any, ...], tuple[dict[str, Any], dict[int, str]]] = {}
-    write_parts: dict[tuple[Any, ...], tuple[dict[str, Any], dict[int, str]]] = {}
+    blob_parts: dict[tuple[Any, ...], tuple[dict[str, Any], dict[int, Any]]] = {}
+    write_parts: dict[tuple[Any, ...], tuple[dict[str, Any], dict[int, Any]]] = {}
     for row in rows:
         written_at = to_micros(row["written_at"])
         chunk = int(row.get("chunk") or 0)
@@ -73,7 +78,7 @@ def values_from_rows(
                 row["task_id"], int(row["idx"]), written_at,
             )
             head, parts = write_parts.setdefault(k, (row, {}))
-        parts[chunk] = row.get("payload") or ""
+        parts[chunk] = row.get("payload")
     blobs: dict[tuple[str, str, str, str], BlobRec] = {}
     for (tid, ns, ch, ver, written_at), (head, parts) in blob_parts.items():
         payload, complete = _assemble(parts, int(head.get("chunks") or 1))

@@ -6,6 +6,14 @@ only move strings and bytes. A record becomes one or more physical *rows* of the
 tables in :mod:`.schema` (payloads over ``cell_limit`` are split into chunks).
 
 Times are integers: microseconds since the Unix epoch, UTC.
+
+Payloads (serialized values) are ``bytes`` in records: the saver hands the
+serializer's bytes over as they are and reads decode them as they are. Kusto
+has no binary type, so the Kusto backend sends them as base64 text; the
+embedded store keeps them as BLOBs. A payload is split into chunks of
+:func:`chunk_bytes` bytes, a multiple of 3, so each chunk's base64 text fits
+``cell_limit`` characters and the chunks' texts concatenate to the whole
+value's text.
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import binascii
+
 import orjson
+import pybase64
 
 from . import schema
 
@@ -69,6 +80,40 @@ def json_bytes(value: Any) -> bytes:
     return bytes(memoryview(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)))
 
 
+def b64encode(data: bytes) -> str:
+    """Base64 text of a payload (pybase64: SIMD, ~30x binascii on 10-100 KB values)."""
+    return pybase64.b64encode_as_string(data)
+
+
+def b64decode(text: str) -> bytes:
+    """A payload from its base64 text; tolerates what strict base64 refuses (line breaks)."""
+    if not text:
+        return b""
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except binascii.Error:  # not strict base64 (e.g. a line break): binascii's lenient decoder
+        return binascii.a2b_base64(text)
+
+
+def payload_bytes(value: Any) -> bytes:
+    """A payload cell as a backend returns it: bytes (a BLOB) or base64 text (Kusto)."""
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        return b64decode(value)
+    return bytes(value)
+
+
+def chunk_bytes(cell_limit: int) -> int:
+    """Bytes of payload per row: a multiple of 3 whose base64 text fits ``cell_limit``."""
+    return max(3, cell_limit // 4 * 3)
+
+
+def encoded_len(nbytes: int) -> int:
+    """Characters of the base64 text of ``nbytes`` bytes."""
+    return 4 * ((nbytes + 2) // 3)
+
+
 class JsonText(bytes):
     """An already-encoded JSON value bound for a ``dynamic`` column."""
 
@@ -86,7 +131,7 @@ class CheckpointRec:
     new_versions: dict[str, str]
     metadata_json: bytes
     payload_type: str
-    payload: str
+    payload: bytes
     written_at: int
     seq: int = 0
 
@@ -119,15 +164,16 @@ class CheckpointRec:
         }
 
 
-def _parts(payload: str, cell_limit: int) -> int:
-    """How many rows (chunks of at most ``cell_limit`` characters) a payload takes."""
-    return max(1, -(-len(payload) // cell_limit))
+def _parts(payload: bytes, cell_limit: int) -> int:
+    """How many rows (chunks of base64 text of at most ``cell_limit`` characters) a payload takes."""
+    return max(1, -(-len(payload) // chunk_bytes(cell_limit)))
 
 
-def _part(payload: str, part: int, cell_limit: int) -> str:
-    if len(payload) <= cell_limit:
+def _part(payload: bytes, part: int, cell_limit: int) -> bytes:
+    step = chunk_bytes(cell_limit)
+    if len(payload) <= step:
         return payload
-    return payload[part * cell_limit : (part + 1) * cell_limit]
+    return payload[part * step : (part + 1) * step]
 
 
 @dataclass(slots=True)
@@ -137,7 +183,7 @@ class BlobRec:
     channel: str
     version: str
     payload_type: str
-    payload: str
+    payload: bytes
     written_at: int
     seq: int = 0
     #: False when read from a backend with chunks missing: not yet visible
@@ -180,7 +226,7 @@ class WriteRec:
     idx: int
     channel: str
     payload_type: str
-    payload: str
+    payload: bytes
     written_at: int
     seq: int = 0
     complete: bool = True

@@ -5,9 +5,11 @@ ingest the same row twice, so every read deduplicates on the row's key (the
 ``key`` columns below, plus ``chunk`` for chunked payloads). Deletions are rows
 in ``Tombstones`` that reads honour until compaction removes what they cover.
 
-Payloads (serialized channel values and pending writes) are base64 text, split
-into ``chunks`` rows of at most ``cell_limit`` characters each; a value with a
-missing chunk is not yet visible.
+Payloads (serialized channel values and pending writes) are bytes: base64 text
+in Kusto, which has no binary column type, and BLOBs in the embedded store
+(:data:`BINARY_COLUMNS`). A payload is split into ``chunks`` rows whose base64
+text is at most ``cell_limit`` characters each; a value with a missing chunk is
+not yet visible.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ DYNAMIC = "dynamic"
 LONG = "long"
 INT = "int"
 DATETIME = "datetime"
+
+#: string columns that hold bytes: base64 text in Kusto, BLOB in the embedded store
+BINARY_COLUMNS = frozenset({"payload"})
 
 
 @dataclass(frozen=True)

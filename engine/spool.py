@@ -15,7 +15,7 @@ Files. A directory of *segments* ``spool-<number>.log``, each a header
     magic (4 bytes) | length (u32 LE) | crc32(length bytes + payload) (u32 LE) | payload
 
 where the payload is the orjson encoding of the put's records
-(:func:`encode_records`). The active segment is sealed once it reaches
+(:func:`encode_records`; their payload bytes as base64 text). The active segment is sealed once it reaches
 ``spool_segment_bytes``; a sealed segment is deleted once every record in it is
 confirmed ingested (each spooled put carries a :class:`SpoolTicket` that the
 ingestor resolves row by row, like a ``durability="ingested"`` ticket). On a
@@ -51,7 +51,7 @@ import anyio
 import orjson
 
 from .errors import ConfigError, SpoolError
-from .records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, json_bytes
+from .records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, b64decode, b64encode, json_bytes
 
 try:  # pragma: no cover - platform
     import fcntl
@@ -81,14 +81,17 @@ def encode_records(records: list[Record]) -> bytes:
             out.append([
                 "c", r.thread_id, r.checkpoint_ns, r.checkpoint_id, r.parent_checkpoint_id, r.run_id,
                 r.channel_versions, r.new_versions, orjson.Fragment(r.metadata_json), r.payload_type,
-                r.payload, r.written_at,
+                b64encode(r.payload), r.written_at,
             ])
         elif isinstance(r, BlobRec):
-            out.append(["b", r.thread_id, r.checkpoint_ns, r.channel, r.version, r.payload_type, r.payload, r.written_at])
+            out.append([
+                "b", r.thread_id, r.checkpoint_ns, r.channel, r.version, r.payload_type, b64encode(r.payload),
+                r.written_at,
+            ])
         elif isinstance(r, WriteRec):
             out.append([
                 "w", r.thread_id, r.checkpoint_ns, r.checkpoint_id, r.task_id, r.task_path, r.idx,
-                r.channel, r.payload_type, r.payload, r.written_at,
+                r.channel, r.payload_type, b64encode(r.payload), r.written_at,
             ])
         else:
             out.append(["t", r.scope, r.thread_id, r.checkpoint_ns, r.checkpoint_id, r.run_id, r.deleted_at])
@@ -103,12 +106,12 @@ def decode_records(payload: bytes) -> list[Record]:
         if kind == "c":
             out.append(CheckpointRec(
                 item[1], item[2], item[3], item[4], item[5], item[6], item[7],
-                json_bytes(item[8]), item[9], item[10], item[11],
+                json_bytes(item[8]), item[9], b64decode(item[10]), item[11],
             ))
         elif kind == "b":
-            out.append(BlobRec(*item[1:8]))
+            out.append(BlobRec(*item[1:6], b64decode(item[6]), item[7]))
         elif kind == "w":
-            out.append(WriteRec(*item[1:11]))
+            out.append(WriteRec(*item[1:9], b64decode(item[9]), item[10]))
         elif kind == "t":
             out.append(TombstoneRec(*item[1:7]))
         else:

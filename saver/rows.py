@@ -1,19 +1,18 @@
 """LangGraph objects to records and back: the CPU work, done in the caller.
 
 ``encode_*`` run in the task that calls the saver, before anything is sent to
-an actor; ``decode_bundle`` runs after the reply. Actors only ever see strings.
-Serialized values are the serde's ``(type, bytes)`` pairs, stored as the type
-and the bytes in base64 (Kusto has no binary column type).
+an actor; ``decode_bundle`` runs after the reply. Actors only ever see strings
+and bytes. Serialized values are the serde's ``(type, bytes)`` pairs, kept as
+the type and the bytes themselves (the Kusto backend sends the bytes as base64
+text, Kusto having no binary column type; the embedded store keeps BLOBs).
 """
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-import pybase64
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
     ChannelVersions,
@@ -25,7 +24,16 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .engine.errors import ConfigError, KustoCheckpointError
-from .engine.records import BlobRec, Bundle, CheckpointRec, WriteRec, json_bytes, now_us
+from .engine.records import (
+    BlobRec,
+    Bundle,
+    CheckpointRec,
+    WriteRec,
+    encoded_len,
+    json_bytes,
+    now_us,
+    payload_bytes,
+)
 
 
 class SerializationError(KustoCheckpointError, TypeError):
@@ -83,33 +91,20 @@ def ids_of(config: Any, *, thread_required: bool = True) -> tuple[str | None, st
     return tid, ns, cid or None
 
 
-def _b64(data: bytes) -> str:
-    # pybase64 (SIMD): about 30x faster than binascii on the 10-100 KB values of a
-    # growing message list, and this runs in the caller on every put and read
-    return pybase64.b64encode_as_string(data)
-
-
-def _unb64(text: str) -> bytes:
-    if not text:
-        return b""
-    try:
-        return pybase64.b64decode(text, validate=True)
-    except binascii.Error:  # not strict base64 (e.g. a line break): binascii's lenient decoder
-        return binascii.a2b_base64(text)
-
-
-def _dump(serde: SerializerProtocol, value: Any, what: str) -> tuple[str, str]:
+def _dump(serde: SerializerProtocol, value: Any, what: str) -> tuple[str, bytes]:
     try:
         type_, data = serde.dumps_typed(value)
     except Exception as exc:  # noqa: BLE001 - re-raised with the name of what failed
         raise SerializationError(
             f"cannot serialize {what} (a {type(value).__name__}): {exc}"
         ) from exc
-    return type_, _b64(data)
+    # kept as they are (no base64 in the caller); a bytearray or memoryview is copied
+    # so the record cannot change under the engine
+    return type_, data if type(data) is bytes else bytes(data)
 
 
-def _load(serde: SerializerProtocol, type_: str, payload: str) -> Any:
-    return serde.loads_typed((type_, _unb64(payload)))
+def _load(serde: SerializerProtocol, type_: str, payload: bytes) -> Any:
+    return serde.loads_typed((type_, payload if type(payload) is bytes else payload_bytes(payload)))
 
 
 def _mapping(value: Any, what: str, *, keys: str | None = None) -> Mapping[str, Any]:
@@ -176,14 +171,15 @@ def encode_put(
         if ch in values:
             type_, payload = _dump(serde, values[ch], f"the value of channel {ch!r}")
         else:
-            type_, payload = "empty", ""
+            type_, payload = "empty", b""
         sver = str(ver)
         new_v[ch] = sver
         records.append(BlobRec(tid, ns, ch, sver, type_, payload, written_at))
     type_, payload = _dump(serde, c, "the checkpoint")
-    if len(payload) > cell_limit:
+    if encoded_len(len(payload)) > cell_limit:
         raise SerializationError(
-            f"the checkpoint body (without channel values) is {len(payload)} characters, over "
+            f"the checkpoint body (without channel values) is {encoded_len(len(payload))} characters "
+            f"of base64, over "
             f"cell_limit={cell_limit}: too many channels or versions in one checkpoint"
         )
     meta_json = _metadata_json(config, metadata)

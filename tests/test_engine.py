@@ -742,14 +742,80 @@ async def test_embedded_store_sets_duckdb_checkpoint_threshold(tmp_path: Any) ->
 def test_payload_base64_round_trips_and_tolerates_line_breaks() -> None:
     import base64
 
-    from langgraph.checkpoint.kusto.rows import _b64, _unb64
+    from langgraph.checkpoint.kusto.engine.records import b64decode, b64encode, payload_bytes
 
     data = random.Random(7).randbytes(100_003)
-    text = _b64(data)
-    assert text == base64.b64encode(data).decode() and _unb64(text) == data
+    text = b64encode(data)
+    assert text == base64.b64encode(data).decode() and b64decode(text) == data
     wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # not strict base64
-    assert _unb64(wrapped) == data
-    assert _b64(b"") == "" and _unb64("") == b""
+    assert b64decode(wrapped) == data
+    assert b64encode(b"") == "" and b64decode("") == b""
+    # a backend's payload cell: bytes (BLOB) as they are, text (Kusto) decoded, null empty
+    assert payload_bytes(text) == data and payload_bytes(data) == data and payload_bytes(None) == b""
+
+
+async def test_a_store_with_base64_text_payloads_is_converted_to_blobs_on_open(tmp_path: Any) -> None:
+    """Stores written before payloads were BLOBs kept base64 text: opening one converts it
+    once, chunked values included, and everything reads back as it was written."""
+    import duckdb
+
+    path = str(tmp_path / "old.duckdb")
+    big = [f"m{i}-" + "z" * 50 for i in range(200)]  # ~11 KB: chunked at cell_limit=4000
+    async with AsyncKustoSaver.embedded(path, cell_limit=4000, **FAST) as saver:
+        await put_chain(saver, "small", 3)
+        cp, versions = checkpoint(0, big)
+        cfg = await saver.aput({"configurable": {"thread_id": "big", "checkpoint_ns": ""}}, cp, {}, versions)
+        await saver.aput_writes(cfg, [("messages", big)], "task")
+    con = duckdb.connect(path)  # back to the earlier layout: base64 VARCHAR payloads
+    for table in ("Checkpoints", "CheckpointBlobs", "CheckpointWrites"):
+        con.execute(f'ALTER TABLE "{table}" ALTER COLUMN payload TYPE VARCHAR USING to_base64(payload)')
+    assert con.execute("SELECT max(chunks) FROM CheckpointBlobs").fetchone()[0] > 1
+    con.close()
+    async with AsyncKustoSaver.embedded(path, cell_limit=4000, **FAST) as saver:
+        tup = await saver.aget_tuple({"configurable": {"thread_id": "big", "checkpoint_ns": ""}})
+        assert tup is not None and tup.checkpoint["channel_values"]["messages"] == big
+        assert tup.pending_writes == [("task", "messages", big)]
+        small = await saver.aget_tuple({"configurable": {"thread_id": "small", "checkpoint_ns": ""}})
+        assert small is not None and small.checkpoint["channel_values"]["messages"] == ["m0", "m1", "m2"]
+        assert len(await stored_ids(saver, "small")) == 3
+    con = duckdb.connect(path)
+    types = {r[0] for r in con.execute(
+        "SELECT data_type FROM information_schema.columns WHERE column_name = 'payload'").fetchall()}
+    con.close()
+    assert types == {"BLOB"}
+
+
+@pytest.mark.parametrize("cell_limit", [4, 7, 1000, 1001, 1002, 1003])
+def test_payload_chunks_fit_the_cell_limit_as_base64_and_concatenate(cell_limit: int) -> None:
+    """Chunks are cut on 3-byte boundaries: each chunk's base64 text fits cell_limit, and
+    the chunks' texts joined are the whole value's text (so Kusto text chunks and BLOB
+    chunks reassemble alike)."""
+    import base64
+
+    from langgraph.checkpoint.kusto.engine.reads import values_from_rows
+    from langgraph.checkpoint.kusto.engine.records import BlobRec
+
+    data = random.Random(cell_limit).randbytes(5_000)
+    rec = BlobRec("t", "", "messages", "1", "msgpack", data, 1_700_000_000_000_000)
+    n = rec.parts(cell_limit)
+    rows = [rec.row(i, cell_limit) for i in range(n)]
+    assert b"".join(r["payload"] for r in rows) == data
+    texts = [base64.b64encode(r["payload"]).decode() for r in rows]
+    assert max(len(t) for t in texts) <= cell_limit
+    assert "".join(texts) == base64.b64encode(data).decode()
+    assert all(r["chunks"] == n for r in rows) and n == -(-len(data) // (max(3, cell_limit // 4 * 3)))
+
+    def answer(payloads: list) -> dict:
+        out = [{**r, "kind_": "blob", "payload": p} for r, p in zip(rows, payloads)]
+        random.Random(1).shuffle(out)
+        return values_from_rows(out)[0]
+
+    for cells in ([r["payload"] for r in rows], texts):  # BLOB cells, Kusto's text cells
+        (got,) = answer(cells).values()
+        assert got.complete and got.payload == data
+    if n > 1:  # a chunk missing: not visible, never half-read
+        (got,) = values_from_rows([{**r, "kind_": "blob"} for r in rows[1:]])[0].values()
+        assert not got.complete and got.payload == b""
 
 
 def test_metadata_json_kept_by_records_is_right_sized() -> None:

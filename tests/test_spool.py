@@ -59,10 +59,11 @@ def segment_files(d: Any) -> list[str]:
 
 def test_records_round_trip_through_the_spool_encoding() -> None:
     recs = [
-        BlobRec("t", "ns", "ch", "00001.0", "msgpack", "QUJD" * 10, 123),
+        BlobRec("t", "ns", "ch", "00001.0", "msgpack", b"ABC\x00\xff" * 10, 123),
         CheckpointRec("t", "ns", "c1", "c0", "run", {"ch": "00001.0"}, {"ch": "00001.0"},
-                      b'{"step":1,"n":{"1":[1,2]}}', "msgpack", "eA==", 124),
-        WriteRec("t", "ns", "c1", "task", "path", -1, "__error__", "json", "e30=", 125),
+                      b'{"step":1,"n":{"1":[1,2]}}', "msgpack", b"x", 124),
+        WriteRec("t", "ns", "c1", "task", "path", -1, "__error__", "json", b"{}", 125),
+        BlobRec("t", "ns", "empty", "00001.0", "empty", b"", 128),
         TombstoneRec("thread", thread_id="t", deleted_at=126),
         TombstoneRec("run", run_id="r", deleted_at=127),
     ]

@@ -34,14 +34,14 @@ from ..messages import (
     ReadSpec,
     Ticket,
 )
-from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, next_seq, now_us
+from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, chunk_bytes, next_seq, now_us
 from ..spool import encode_records
 from ..schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, WRITES
 
 log = logging.getLogger("langgraph.checkpoint.kusto.compaction")
 
 
-#: what one buffered row costs besides its payload text, counted against the memory
+#: what one buffered row costs besides its payload bytes, counted against the memory
 #: bound: its record (104-128 bytes), its (record, part, size) reference in the
 #: batcher (64), the record's own strings (ids, versions: 400-840) and the row dict
 #: built for it while its batch is being ingested (272-464), measured with sys.getsizeof
@@ -63,15 +63,16 @@ def make_put(
     for rec in records:
         if not rec.seq:
             rec.seq = next_seq()
-        payload = getattr(rec, "payload", "")
+        payload = getattr(rec, "payload", b"")
         n = rec.parts(cell)
         if n == 1:
             size = len(payload) + ROW_OVERHEAD
             rows.append((rec, 0, size))
             nbytes += size
         else:
+            step = chunk_bytes(cell)
             for part in range(n):
-                size = min(cell, len(payload) - part * cell) + ROW_OVERHEAD
+                size = min(step, len(payload) - part * step) + ROW_OVERHEAD
                 rows.append((rec, part, size))
                 nbytes += size
     ticket = Ticket(len(rows), ticket_reply) if ticket_reply is not None else None

@@ -652,6 +652,6 @@ def _header(row: dict[str, Any]) -> CheckpointRec:
         new_versions={},
         metadata_json=b"{}",
         payload_type="",
-        payload="",
+        payload=b"",
         written_at=to_micros(row["written_at"]),
     )

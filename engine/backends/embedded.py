@@ -4,6 +4,9 @@ Queries go through ``duckdb-kql``: each KQL template is translated to SQL once
 (with the table schema, which ``arg_max(x, *)`` and joins need) and the SQL is
 reused with its bound parameters. Rows are appended natively: a batch becomes
 an Arrow table and one ``INSERT ... SELECT``, the fastest append DuckDB has.
+Payloads are BLOB columns (Kusto keeps them as base64 text): no base64 on
+either side, and DuckDB appends BLOBs about 3.7x faster than the same values
+as base64 VARCHAR (433 vs 117 MB/s of 20 KB values, measured on this machine).
 
 DuckDB calls block, so they run in worker threads (``anyio.to_thread``) behind
 a bounded limiter; each worker thread uses its own cursor on the one database.
@@ -26,10 +29,18 @@ from duckdb_kql.params import bind
 
 from ..errors import PermanentBackendError
 from ..records import JsonText, to_micros  # noqa: F401 - re-exported
-from ..schema import DATETIME, DYNAMIC, INT, LONG, STRING, TABLES, TABLES_BY_NAME, Table
+from ..schema import BINARY_COLUMNS, DATETIME, DYNAMIC, INT, LONG, STRING, TABLES, TABLES_BY_NAME, Table
 
 _DUCK_TYPES = {STRING: "VARCHAR", DYNAMIC: "JSON", LONG: "BIGINT", INT: "INTEGER", DATETIME: "TIMESTAMP"}
 _ARROW_TYPES = {STRING: pa.string(), DYNAMIC: pa.string(), LONG: pa.int64(), INT: pa.int32(), DATETIME: pa.timestamp("us")}
+
+
+def _duck_type(column: str, kind: str) -> str:
+    return "BLOB" if column in BINARY_COLUMNS else _DUCK_TYPES[kind]
+
+
+def _arrow_type(column: str, kind: str) -> pa.DataType:
+    return pa.binary() if column in BINARY_COLUMNS else _ARROW_TYPES[kind]
 #: KQL text -> translated SQL, shared by every instance (the schema is fixed):
 #: parsing KQL is the slow part of a first query, so it happens once per process
 _TRANSLATED: dict[str, Any] = {}
@@ -85,20 +96,36 @@ class EmbeddedBackend:
         con = duckdb_kql.connect(self.path)
         con.execute(f"SET checkpoint_threshold = '{self.checkpoint_threshold}'")
         for table in TABLES:
-            cols = ", ".join(f'"{c}" {_DUCK_TYPES[k]}' for c, k in table.columns)
+            cols = ", ".join(f'"{c}" {_duck_type(c, k)}' for c, k in table.columns)
             con.execute(f'CREATE TABLE IF NOT EXISTS "{table.name}" ({cols})')
-            existing = {r[0] for r in con.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table.name]
-            ).fetchall()}
+            existing = dict(con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?", [table.name]
+            ).fetchall())
             for c, k in table.columns:
                 if c not in existing:
-                    con.execute(f'ALTER TABLE "{table.name}" ADD COLUMN "{c}" {_DUCK_TYPES[k]}')
+                    con.execute(f'ALTER TABLE "{table.name}" ADD COLUMN "{c}" {_duck_type(c, k)}')
+                elif c in BINARY_COLUMNS and existing[c] == "VARCHAR":
+                    self._migrate_payload(con, table.name, c)
         self._schema = {t.name: list(t.column_names) for t in TABLES}
         self._con = con
         from .. import kql
 
         for _, text in kql.all_templates():  # translate up front, not in the first reads
             self._translate(text)
+
+    @staticmethod
+    def _migrate_payload(con: duckdb.DuckDBPyConnection, table: str, column: str) -> None:
+        """A store written before payloads were BLOBs: decode its base64 text once.
+        Its chunks were cut every ``cell_limit`` characters, so with a ``cell_limit``
+        that is a multiple of 4 (the default) each chunk decodes on its own."""
+        try:
+            con.execute(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE BLOB USING from_base64("{column}")')
+        except duckdb.Error as exc:
+            raise PermanentBackendError(
+                f"cannot convert {table}.{column} of this store (base64 text, written by an earlier "
+                f"version) to BLOB: {exc}; its chunks do not decode on their own (a cell_limit that "
+                "is not a multiple of 4): re-create the store"
+            ) from exc
 
     async def close(self) -> None:
         con, self._con = self._con, None
@@ -230,5 +257,5 @@ def _to_arrow(spec: Table, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         values = [r.get(col) for r in rows]
         if kind == DYNAMIC:
             values = [_dynamic_text(v) for v in values]
-        arrays.append(pa.array(values, type=_ARROW_TYPES[kind]))
+        arrays.append(pa.array(values, type=_arrow_type(col, kind)))
     return pa.Table.from_arrays(arrays, names=list(spec.column_names))

@@ -51,7 +51,7 @@ import anyio.to_thread
 import orjson
 
 from ..errors import ConfigError, PermanentBackendError, TransientBackendError
-from ..records import JsonText, us_to_datetime
+from ..records import JsonText, b64encode, us_to_datetime
 from ..schema import CHECKPOINTS, DATETIME, DYNAMIC, LATEST_VIEW, TABLES, TABLES_BY_NAME, Table, mapping_name
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,8 @@ def row_to_json(spec: Table, row: Mapping[str, Any]) -> bytes:
             doc[col] = orjson.Fragment(bytes(v)) if isinstance(v, JsonText) else v
         elif kind == DATETIME:
             doc[col] = v if isinstance(v, str) else kusto_datetime_text(v)
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            doc[col] = b64encode(bytes(v))  # a payload: Kusto has no binary type
         else:
             doc[col] = v
     return orjson.dumps(doc, default=_json_default)
