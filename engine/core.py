@@ -82,6 +82,8 @@ class Engine:
                 # the ingestor's queue is part of the memory bound: ingest_queue_size batches
                 size = cfg.ingest_queue_size if name == "ingestor" else cfg.mailbox_size
                 rt.mailboxes[name] = _mailbox(name, size)
+            for name in ("batcher", "cache"):  # room there may admit a waiting put
+                rt.mailboxes[name].on_room = rt.admission.poke
             self.runtime = rt
             spool = self.spool if self.spool is not None and await self.spool.open() else None
             if spool is not None:  # spool hook: closed after the task group (its writer) ends
@@ -191,34 +193,54 @@ class Engine:
     async def put(self, records: list[Record], *, operation: str = "put") -> None:
         """Accept a put's records.
 
-        Fast path, when both the cache's and the batcher's mailboxes have room
-        and the bytes queued for the batcher stay within its share of the memory bound:
-        the records go to the query cache (overlay) and to the batcher with two
-        non-blocking sends and no yield in between, so the put is applied to
-        both or to neither, and no reply is awaited. A read sent afterwards
-        reaches the cache's FIFO behind the ``Accept``: read-your-writes holds.
-        While a put that went the slow way waits in the batcher's mailbox the fast
-        path is closed: the bytes queued ahead of it are then all buffered when the
-        batcher takes it, so together they stay within the bound.
-        Otherwise (backpressure) the put waits for room in the batcher's
-        mailbox, the batcher hands the records to the cache, and the cache
-        replies once they are in the overlay.
+        The fast path: when both the cache's and the batcher's mailboxes have room
+        and the bytes queued for the batcher stay within its share of the memory
+        bound, the records go to the query cache (overlay) and to the batcher with
+        two non-blocking sends and no yield in between, so the put is applied to
+        both or to neither, and no reply is awaited. A read sent afterwards reaches
+        the cache's FIFO behind the ``Accept``: read-your-writes holds.
+        A put that finds no room (backpressure) waits in the admission queue
+        (:class:`~.mailbox.Admission`), in arrival order, until there is room, and
+        then takes the fast path itself; while anyone waits there, later puts queue
+        behind them. With durability="spool" a put instead goes through the batcher,
+        which admits it to the spool, and waits for the cache's reply and the fsync;
+        while such a put waits in the batcher's mailbox no fast-path put is admitted,
+        so the bytes queued ahead of it are all buffered when the batcher takes it.
         """
         rt = self._check()
         cfg = rt.config
         ingested = rt.reply() if cfg.durability == "ingested" else None
         batcher = rt.mailboxes["batcher"]
         cache = rt.mailboxes["cache"]
+        b: BatcherState = self._states["batcher"]
+        limit = cfg.batcher_buffer_bytes
         try:
             with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
                 msg = make_put(rt, records, None, ticket_reply=ingested)
-                b: BatcherState = self._states["batcher"]
-                if (
-                    rt.spool is None and not b.waiting_puts and batcher.has_room() and cache.has_room()
-                    and b.queued_bytes + b.buffered_bytes + msg.nbytes <= cfg.batcher_buffer_bytes
-                ):
+                nbytes = msg.nbytes
+
+                def room() -> bool:
+                    held = b.queued_bytes + b.buffered_bytes
+                    return (
+                        not b.waiting_puts and batcher.has_room() and cache.has_room()
+                        # one put larger than the whole share goes alone, into an empty buffer
+                        and (held + nbytes <= limit or held == 0)
+                    ) or batcher.closed or cache.closed  # closed: the send below raises
+
+                if rt.spool is None:
+                    if rt.admission or not room():
+                        started = time.perf_counter()
+                        await rt.admission.wait(room)
+                        inst = self.instruments
+                        inst.backpressure_wait.record(
+                            time.perf_counter() - started, inst.bound(names.DB_OPERATION_NAME, operation)
+                        )
+                    # no yield since room() held: both sends succeed (or both raise, closed)
+                    if batcher.closed or cache.closed:
+                        self._check()
+                        raise EngineClosedError("the saver is closing or closed")
                     msg.accepted = msg.queued = True
-                    b.queued_bytes += msg.nbytes
+                    b.queued_bytes += nbytes
                     cache.send_nowait(Accept(records, None, msg.update_views))
                     batcher.send_nowait(msg)
                 else:

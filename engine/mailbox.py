@@ -97,6 +97,9 @@ class Mailbox:
         self._reader: anyio.Event | None = None
         self._space: deque[anyio.Event] = deque()
         self._since_yield = 0
+        #: called whenever room may have appeared (a message taken, the mailbox closed):
+        #: the engine's admission gate (:class:`Admission`) listens here
+        self.on_room: Any = None
         #: no more sends; the reader drains what is queued
         self.closed = False
         #: the engine failed: nothing is read any more, senders get an error
@@ -141,6 +144,8 @@ class Mailbox:
     def _wake_sender(self) -> None:
         if self._space:
             self._space.popleft().set()
+        if self.on_room is not None:
+            self.on_room()
 
     # -- receiving -----------------------------------------------------------
 
@@ -195,6 +200,8 @@ class Mailbox:
             reader.set()
         while self._space:
             self._space.popleft().set()
+        if self.on_room is not None:
+            self.on_room()
 
     def close(self) -> None:
         """No more sends; the reader drains what is queued, then sees EndOfStream."""
@@ -212,3 +219,48 @@ class Mailbox:
         """The reader is gone: blocked and later senders get EngineClosedError."""
         self._receive_closed = True
         self._wake_all()
+
+
+class Admission:
+    """A FIFO of callers waiting until a condition over several mailboxes holds.
+
+    ``Engine.put`` hands a put to two actors at once, without a yield, when both
+    mailboxes have room and the batcher's share of the memory bound holds its bytes
+    (the fast path). A put that finds no room waits here, in arrival order, and is
+    woken whenever room may have appeared (:attr:`Mailbox.on_room`, a batch handed
+    on); the first in line re-checks and, once its condition holds, returns and takes
+    the fast path itself, then wakes the next. While anyone waits, new puts queue
+    behind them, so nobody is overtaken and the bound is never exceeded.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: deque[list[Any]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def poke(self) -> None:
+        """Room may have appeared: wake the first waiter to re-check."""
+        if self._waiters:
+            event = self._waiters[0][0]
+            if event is not None:
+                self._waiters[0][0] = None
+                event.set()
+
+    async def wait(self, ready: Any) -> None:
+        """Return once it is this caller's turn and ``ready()`` holds (no yield in between,
+        so what the caller does next happens under that condition)."""
+        me: list[Any] = [None]
+        self._waiters.append(me)
+        try:
+            while not (self._waiters[0] is me and ready()):
+                event = me[0] = anyio.Event()
+                await event.wait()
+        except BaseException:
+            self._waiters.remove(me)
+            self.poke()  # had we been woken, our turn passes on
+            raise
+        self._waiters.popleft()
+        self.poke()

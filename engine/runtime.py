@@ -15,7 +15,7 @@ import anyio
 from .backends.base import Backend
 from .config import EngineConfig
 from .errors import EngineFailedError
-from .mailbox import Mailbox, Reply
+from .mailbox import Admission, Mailbox, Reply
 from ..telemetry import Instruments
 
 
@@ -36,6 +36,8 @@ class Runtime:
     query_limiter: anyio.CapacityLimiter | None = None
     #: the spool when durability="spool" (engine/spool.py): the batcher admits puts to it
     spool: Any = None
+    #: puts waiting for room before they take the fast path (``Engine.put``)
+    admission: Admission = field(default_factory=Admission)
 
     def reply(self) -> Reply[Any]:
         return Reply(self.replies)

@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from langgraph.checkpoint.kusto import EngineClosedError
-from langgraph.checkpoint.kusto.engine.mailbox import Mailbox
+from langgraph.checkpoint.kusto.engine.mailbox import Admission, Mailbox
 
 pytestmark = pytest.mark.anyio
 
@@ -156,3 +156,87 @@ async def test_a_busy_reader_yields_to_other_tasks() -> None:
             await box.receive()
         assert ticks - start >= 500 // Mailbox.YIELD_EVERY - 1
         tg.cancel_scope.cancel()
+
+
+# -- the admission queue (Engine.put waits there for room, then takes the fast path) --
+
+
+async def test_admission_admits_in_arrival_order_as_room_appears() -> None:
+    box = Mailbox("t", 2)
+    gate = Admission()
+    box.on_room = gate.poke
+    admitted: list[int] = []
+
+    async def put(i: int) -> None:
+        await gate.wait(box.has_room)
+        box.send_nowait(i)  # no yield since the room check: it cannot fail
+        admitted.append(i)
+
+    box.send_nowait(-2)
+    box.send_nowait(-1)
+    async with anyio.create_task_group() as tg:
+        for i in range(5):
+            tg.start_soon(put, i)
+            await anyio.wait_all_tasks_blocked()  # each queues behind the one before
+        assert len(gate) == 5 and admitted == []
+        for _ in range(7):
+            await box.receive()  # each message taken makes room for exactly one waiter
+            await anyio.wait_all_tasks_blocked()
+            assert box.depth() <= 2
+    assert admitted == [0, 1, 2, 3, 4] and len(gate) == 0
+
+
+async def test_admission_a_cancelled_waiter_passes_its_turn_on_and_leaves_nothing() -> None:
+    box = Mailbox("t", 1)
+    gate = Admission()
+    box.on_room = gate.poke
+    box.send_nowait("full")
+    admitted: list[str] = []
+
+    async def put(name: str, scope: anyio.CancelScope | None = None) -> None:
+        with scope or anyio.CancelScope():
+            await gate.wait(box.has_room)
+            box.send_nowait(name)
+            admitted.append(name)
+
+    head, middle = anyio.CancelScope(), anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(put, "head", head)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(put, "middle", middle)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(put, "last")
+        await anyio.wait_all_tasks_blocked()
+        middle.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert len(gate) == 2
+        head.cancel()  # the first in line leaves: "last" is first now
+        await anyio.wait_all_tasks_blocked()
+        assert len(gate) == 1 and admitted == []
+        assert await box.receive() == "full"  # room: "last" is admitted
+        await anyio.wait_all_tasks_blocked()
+    assert admitted == ["last"] and len(gate) == 0
+    assert await box.receive() == "last"
+
+
+async def test_admission_wakes_waiters_when_the_mailbox_closes() -> None:
+    box = Mailbox("t", 1)
+    gate = Admission()
+    box.on_room = gate.poke
+    box.send_nowait("full")
+    errors: list[BaseException] = []
+
+    async def put() -> None:
+        await gate.wait(lambda: box.has_room() or box.closed)
+        try:
+            box.send_nowait("x")
+        except EngineClosedError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(put)
+            await anyio.wait_all_tasks_blocked()
+            box.close()
+    assert len(errors) == 3 and len(gate) == 0

@@ -155,6 +155,7 @@ class Batcher(Actor):
         self.state.outgoing = None
         self.state.buffered_bytes -= batch.nbytes
         self.state.handed_bytes += batch.nbytes
+        self.runtime.admission.poke()  # room in the batcher's share of the bound
 
 
 async def ticker(runtime: Any, interval: float) -> None:
