@@ -200,10 +200,10 @@ def test_memory_bound_report_keeps_buffered_bytes_under_the_bound() -> None:
 
 
 def test_telemetry_report_collects_spans_and_metrics_only_when_on() -> None:
-    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "telemetry", "-q"])
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "telemetry", "--telemetry-rounds", "3", "-q"])
     assert code == 0, text
-    assert sorted(res["runs"]) == ["round 1", "round 2"]
-    run = res["runs"]["round 2"]["results"]
+    assert sorted(res["runs"]) == ["round 1", "round 2", "round 3"]
+    run = res["runs"]["round 3"]["results"]
     assert "telemetry" not in run["kusto-otel-off"]
     metrics_only = run["kusto-otel-metrics"]["telemetry"]
     assert metrics_only["spans"] == 0 and metrics_only["mode"] == "metrics"
@@ -217,6 +217,13 @@ def test_telemetry_report_collects_spans_and_metrics_only_when_on() -> None:
     assert traces_check["passed"] is None and sampled_check["passed"] is None  # reported, not judged
     offs = [r["results"]["kusto-otel-off"]["checkpoints_per_s"] for r in res["runs"].values()]
     assert metrics_check["base"]["value"] == pytest.approx(statistics.median(offs))
+    # the ratio is the median of each round's own ratio (a drift moves both sides of a round)
+    per_round = [r["results"]["kusto-otel-metrics"]["checkpoints_per_s"] / r["results"]["kusto-otel-off"]["checkpoints_per_s"]
+                 for r in res["runs"].values()]
+    assert metrics_check["ratio"] == pytest.approx(statistics.median(per_round))
+    # every other round runs the variants in reverse order
+    firsts = [next(iter(r["results"])) for r in res["runs"].values()]
+    assert firsts[0] == "kusto-otel-off" and firsts[1] == "kusto-otel-sampled" and firsts[2] == "kusto-otel-off"
 
 
 def test_durability_report_covers_every_mode_the_engine_accepts() -> None:
