@@ -231,10 +231,11 @@ class Engine:
                     if rt.admission or not room():
                         started = time.perf_counter()
                         await rt.admission.wait(room)
+                        waited = time.perf_counter() - started
+                        rt.puts_waited += 1
+                        rt.put_wait_s += waited
                         inst = self.instruments
-                        inst.backpressure_wait.record(
-                            time.perf_counter() - started, inst.bound(names.DB_OPERATION_NAME, operation)
-                        )
+                        inst.backpressure_wait.record(waited, inst.bound(names.DB_OPERATION_NAME, operation))
                     # no yield since room() held: both sends succeed (or both raise, closed)
                     if batcher.closed or cache.closed:
                         self._check()
@@ -246,6 +247,7 @@ class Engine:
                 else:
                     msg.reply = rt.reply()
                     started = time.perf_counter()
+                    full = not batcher.has_room()
                     msg.waited = True
                     b.waiting_puts += 1
                     try:
@@ -253,10 +255,12 @@ class Engine:
                     except BaseException:
                         b.waiting_puts -= 1  # not enqueued: a send enqueues or raises, never both
                         raise
+                    waited = time.perf_counter() - started
+                    if full:
+                        rt.puts_waited += 1
+                        rt.put_wait_s += waited
                     inst = self.instruments
-                    inst.backpressure_wait.record(
-                        time.perf_counter() - started, inst.bound(names.DB_OPERATION_NAME, operation)
-                    )
+                    inst.backpressure_wait.record(waited, inst.bound(names.DB_OPERATION_NAME, operation))
                     await msg.reply.wait()  # type: ignore[union-attr]
                 if ingested is not None:
                     await ingested.wait()
@@ -386,6 +390,8 @@ class Engine:
             cache_hits=ov.hits,
             cache_misses=ov.misses,
             tombstones_compacted=self._states["deleter"].compacted,
+            puts_waited=rt.puts_waited,
+            put_wait_s=rt.put_wait_s,
             compaction_failures=rt.compaction_failures,
             last_compaction_error=None if rt.last_compaction_error is None else repr(rt.last_compaction_error),
         )

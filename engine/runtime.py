@@ -38,6 +38,9 @@ class Runtime:
     spool: Any = None
     #: puts waiting for room before they take the fast path (``Engine.put``)
     admission: Admission = field(default_factory=Admission)
+    #: puts that waited for room (backpressure), and their waits summed, in seconds
+    puts_waited: int = 0
+    put_wait_s: float = 0.0
 
     def reply(self) -> Reply[Any]:
         return Reply(self.replies)

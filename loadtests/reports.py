@@ -182,7 +182,8 @@ async def report_scale(cfg: LoadTestConfig, on_event: OnEvent = None, *, large_a
             base=(f"{cfg.agents} agents", small.get("checkpoints_per_s"), "checkpoints/s"),
             note=(f"peak RSS {_mib(large.get('peak_rss_bytes'))} at {large_agents} agents, "
                   f"{_mib(small.get('peak_rss_bytes'))} at {cfg.agents}; " + "; ".join(
-                      _gc_share(r, n) for r, n in ((large, large_agents), (small, cfg.agents)))),
+                      [_gc_share(r, n) for r, n in ((large, large_agents), (small, cfg.agents))]
+                      + [_backpressure(r, n) for r, n in ((large, large_agents), (small, cfg.agents))])),
         )
     ]
     passed = all(r["passed"] for r in runs.values())
@@ -197,6 +198,15 @@ def _gc_share(r: dict[str, Any], agents: int) -> str:
     full = (r.get("gc_collections") or [0, 0, 0])[2]
     return (f"GC {r['gc_s']:.1f} s of {r['elapsed_s']:.1f} s at {agents} agents "
             f"({r['gc_s'] / r['elapsed_s']:.0%}, {full} full collections)")
+
+
+def _backpressure(r: dict[str, Any], agents: int) -> str:
+    """Whether a run was ingest-bound: how many puts waited for room, and how long in all."""
+    e = r.get("engine") or {}
+    if "puts_waited" not in e:
+        return f"backpressure not measured at {agents} agents"
+    return (f"backpressure at {agents} agents: {e['puts_waited']:,} puts waited for room, "
+            f"{e.get('put_wait_s', 0.0):.1f} s in all")
 
 
 def _mib(n: float | None) -> str:

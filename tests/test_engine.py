@@ -351,7 +351,9 @@ async def test_backpressure_bounds_memory_while_the_backend_is_stalled(durabilit
         await saver.flush()
         for i in range(0, 100, 7):
             assert len(await stored_ids(saver, f"t{i}")) == 5
-        assert saver.engine.stats()["buffered_bytes"] == 0
+        stats = saver.engine.stats()
+        assert stats["buffered_bytes"] == 0
+        assert 0 < stats["puts_waited"] <= 500 and stats["put_wait_s"] > 0  # the stalled puts were counted
 
 
 async def test_the_bound_holds_with_every_stage_past_the_batcher_full() -> None:
