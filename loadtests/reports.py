@@ -446,7 +446,7 @@ def _ms(v: float | None) -> str:
 SWEEP_DEFAULTS: dict[str, list[Any]] = {
     "batch_size": [50, 200, 500, 2000],
     "flush_interval": [0.01, 0.05, 0.2],
-    "ingest_concurrency": [1, 4, 8],
+    "ingest_concurrency": [1, 4, 8, 16],
     "agents": [50, 200, 1000],
 }
 SWEEP_PARAMS = tuple(SWEEP_DEFAULTS)
@@ -500,8 +500,13 @@ async def report_sweep(
 ) -> dict[str, Any]:
     """Sweep engine settings (and agents) on our saver; recommend settings for the workload."""
     from langgraph.checkpoint.kusto import EngineConfig
+    from langgraph.checkpoint.kusto.engine.config import remote_options
 
     grids = dict(grids or SWEEP_DEFAULTS)
+    # a cluster (or injected latency, which stands for one) starts from the engine's
+    # defaults for a remote backend, as the saver itself would
+    if cfg.cluster_uri or cfg.inject:
+        cfg = replace(cfg, engine_options=remote_options(cfg.engine_options))
     d = EngineConfig.from_options(**cfg.engine_options)
     base = {"batch_size": d.batch_size, "flush_interval": d.flush_interval,
             "ingest_concurrency": d.ingest_concurrency, "agents": cfg.agents}

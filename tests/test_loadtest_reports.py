@@ -111,6 +111,22 @@ def test_sweep_recommends_settings_and_plots(tmp_path) -> None:
     assert json.load(open(js))["recommendation"] == rec
 
 
+def test_sweep_against_a_remote_stand_in_starts_from_the_remote_defaults() -> None:
+    """Injected latency stands for a cluster: the unswept settings are the engine's defaults
+    for a remote backend (ingest_concurrency=16), not the embedded store's (4)."""
+    from langgraph.checkpoint.kusto.engine.config import REMOTE_DEFAULTS
+
+    code, res, text, _ = _run(
+        [*TINY, "--workload", "raw", "--sweep", "--sweep-param", "batch_size=5,50", "--inject", "ingest=1ms",
+         "--no-sweep-confirm", "-q"]
+    )
+    assert code == 0, text
+    assert {p["settings"]["batch_size"] for p in res["points"]} == {5, 50, 500}
+    for run in res["runs"].values():
+        (result,) = run["results"].values()
+        assert result["engine_options"]["ingest_concurrency"] == REMOTE_DEFAULTS["ingest_concurrency"]
+
+
 def test_recommend_picks_highest_throughput_within_the_latency_slack() -> None:
     pts = [
         {"settings": {"batch_size": 10}, "throughput": 100.0, "p99_ms": 10.0},
