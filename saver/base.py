@@ -64,6 +64,14 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         super().__init__(serde=serde)
         # a remote backend (Kusto) gets its own defaults under the caller's options
         self.options = EngineConfig.from_options(**defaults_for(backend, options))
+        cap = getattr(backend, "max_value_size", None)
+        if cap is not None and self.options.cell_limit > cap:
+            raise ConfigError(
+                f"cell_limit={self.options.cell_limit} is over the backend's largest string cell "
+                f"({cap} characters: Kusto's MaxValueSize), and Kusto cuts a longer value without "
+                "an error; keep cell_limit at or under it (default 1,000,000), or raise the payload "
+                "columns' MaxValueSize with an encoding policy and pass KustoBackend(max_value_size=...)"
+            )
         self.backend = backend
         self._inst = Instruments.for_backend(
             backend, meter_provider=meter_provider, tracer_provider=tracer_provider

@@ -245,6 +245,28 @@ def test_split_payloads() -> None:
     assert split_payloads([], 700) == []
 
 
+def test_cell_limit_over_kustos_max_value_size_is_refused() -> None:
+    """Kusto cuts a string cell over MaxValueSize (1 MB) without an error: a cell_limit
+    above it would store truncated chunks, so the saver refuses it up front."""
+    with pytest.raises(ConfigError, match="MaxValueSize"):
+        AsyncKustoSaver.from_connection_string("http://127.0.0.1:9", DB, cell_limit=2_000_000)
+    assert AsyncKustoSaver.from_connection_string("http://127.0.0.1:9", DB, cell_limit=1_048_576)
+    # a column whose encoding policy raised MaxValueSize: say so to the backend
+    wide = KustoBackend("http://127.0.0.1:9", DB, max_value_size=4 * 1024 * 1024)
+    assert AsyncKustoSaver(wide, cell_limit=2_000_000, max_batch_bytes=4 * 1024 * 1024,
+                           max_buffered_bytes=256 * 1024 * 1024).options.cell_limit == 2_000_000
+    with pytest.raises(ConfigError, match="max_value_size"):
+        KustoBackend("http://127.0.0.1:9", DB, max_value_size=0)
+
+
+def test_a_bytes_payload_goes_to_kusto_as_base64_text() -> None:
+    data = bytes(range(256)) * 3
+    line = orjson.loads(row_to_json(schema.BLOBS, {"thread_id": "t", "payload": data, "chunk": 0, "chunks": 1}))
+    import base64
+
+    assert base64.b64decode(line["payload"]) == data and line["thread_id"] == "t"
+
+
 @pytest.mark.anyio
 @asyncio_only
 async def test_a_row_over_the_streaming_limit_is_refused_before_sending() -> None:

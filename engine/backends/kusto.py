@@ -261,6 +261,11 @@ def row_to_json(spec: Table, row: Mapping[str, Any]) -> bytes:
     return orjson.dumps(doc, default=_json_default)
 
 
+#: Kusto's default MaxValueSize of a string column, in bytes of UTF-8 (base64 text: one
+#: byte a character): a longer value is truncated at ingestion and the ingestion succeeds
+DEFAULT_MAX_VALUE_SIZE = 1_048_576
+
+
 def split_payloads(lines: Sequence[bytes], max_bytes: int) -> list[bytes]:
     """JSON lines grouped into request bodies of at most ``max_bytes`` each (a single
     line larger than that goes alone: the service decides what to do with it)."""
@@ -592,8 +597,15 @@ class KustoBackend:
         ingest_uri: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         threads: int = 24,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
     ) -> None:
         from azure.kusto.data import KustoConnectionStringBuilder
+
+        if isinstance(max_value_size, bool) or not isinstance(max_value_size, int) or max_value_size < 1024:
+            raise ConfigError(f"max_value_size must be an integer >= 1024, got {max_value_size!r}")
+        #: Kusto's largest string cell (the payload columns' MaxValueSize); the saver
+        #: refuses a cell_limit above it, since Kusto cuts a longer value without an error
+        self.max_value_size = max_value_size
 
         if ingest_mode not in INGEST_MODES:
             raise ConfigError(f"ingest_mode must be one of {INGEST_MODES}, got {ingest_mode!r}")
