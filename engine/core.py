@@ -24,6 +24,7 @@ from .backends.base import Backend
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Read, ReadSpec
+from .mailbox import loop_event_class
 from .records import Bundle, Record
 from .runtime import Runtime
 from .spool import EMPTY_STATS, Spool, spool_dir_for
@@ -77,6 +78,7 @@ class Engine:
             await self.backend.open()
             stack.push_async_callback(self.backend.close)
             rt = Runtime(cfg, self.backend, self.instruments)
+            rt.new_event = loop_event_class()
             rt.query_limiter = anyio.CapacityLimiter(cfg.query_concurrency)
             for name in ACTORS:
                 # the ingestor's queue is part of the memory bound: ingest_queue_size batches

@@ -13,6 +13,8 @@ unfilled replies so that, if it fails, every waiter gets the error at once.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections import deque
 from typing import Any, Generic, TypeVar
 
@@ -24,11 +26,31 @@ from .errors import EngineClosedError
 T = TypeVar("T")
 
 
+def loop_event_class() -> Any:
+    """The running event loop's own Event class (``set``, ``is_set``, ``await wait()``, as
+    anyio's). ``anyio.Event()`` looks the backend up on every call: 1.7 us against 0.13 us
+    for ``asyncio.Event()``, and the engine makes a few per saver call. Outside an event
+    loop (or on another library), anyio's."""
+    try:
+        asyncio.get_running_loop()
+        return asyncio.Event
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+            return trio.Event
+        except RuntimeError:
+            pass
+    return anyio.Event
+
+
 class Reply(Generic[T]):
     __slots__ = ("_event", "_value", "_error", "_registry")
 
-    def __init__(self, registry: set[Reply[Any]] | None = None) -> None:
-        self._event = anyio.Event()
+    def __init__(self, registry: set[Reply[Any]] | None = None, new_event: Any = anyio.Event) -> None:
+        self._event = new_event()
         self._value: Any = None
         self._error: BaseException | None = None
         self._registry = registry
@@ -97,6 +119,7 @@ class Mailbox:
         self._reader: anyio.Event | None = None
         self._space: deque[anyio.Event] = deque()
         self._since_yield = 0
+        self._new_event = loop_event_class()
         #: called whenever room may have appeared (a message taken, the mailbox closed):
         #: the engine's admission gate (:class:`Admission`) listens here
         self.on_room: Any = None
@@ -130,7 +153,7 @@ class Mailbox:
                 return
             except anyio.WouldBlock:
                 pass
-            event = anyio.Event()
+            event = self._new_event()
             self._space.append(event)
             try:
                 await event.wait()
@@ -168,7 +191,7 @@ class Mailbox:
             if self.closed:
                 raise anyio.EndOfStream
             self._since_yield = 0
-            reader = self._reader = anyio.Event()
+            reader = self._reader = self._new_event()
             await reader.wait()
 
     def receive_nowait(self) -> Any:
@@ -233,10 +256,11 @@ class Admission:
     behind them, so nobody is overtaken and the bound is never exceeded.
     """
 
-    __slots__ = ("_waiters",)
+    __slots__ = ("_waiters", "_new_event")
 
     def __init__(self) -> None:
         self._waiters: deque[list[Any]] = deque()
+        self._new_event = loop_event_class()
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -256,7 +280,7 @@ class Admission:
         self._waiters.append(me)
         try:
             while not (self._waiters[0] is me and ready()):
-                event = me[0] = anyio.Event()
+                event = me[0] = self._new_event()
                 await event.wait()
         except BaseException:
             self._waiters.remove(me)

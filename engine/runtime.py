@@ -15,7 +15,7 @@ import anyio
 from .backends.base import Backend
 from .config import EngineConfig
 from .errors import EngineFailedError
-from .mailbox import Admission, Mailbox, Reply
+from .mailbox import Admission, Mailbox, Reply, loop_event_class
 from ..telemetry import Instruments
 
 
@@ -42,8 +42,11 @@ class Runtime:
     puts_waited: int = 0
     put_wait_s: float = 0.0
 
+    #: the event loop's Event class (see ``loop_event_class``); set when the engine starts
+    new_event: Any = anyio.Event
+
     def reply(self) -> Reply[Any]:
-        return Reply(self.replies)
+        return Reply(self.replies, self.new_event)
 
     def mailbox(self, name: str) -> Mailbox:
         return self.mailboxes[name]

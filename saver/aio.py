@@ -65,8 +65,8 @@ class AsyncKustoSaver(KustoSaverBase):
 
     # -- reaching the engine's loop ------------------------------------------
 
-    async def _in_loop(self, fn: Any, *args: Any) -> Any:
-        return await fn(*args)
+    def _in_loop(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)  # the engine runs in this very loop: the call's own coroutine, no extra frame
 
     def _blocking(self, fn: Any, *args: Any) -> Any:
         if self._token is None:

@@ -4,7 +4,7 @@ that run in the event loop hosting the engine."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from typing import Any
 
 from langgraph.checkpoint.base import (
@@ -89,12 +89,6 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             current_v = int(str(current).split(".")[0])
         return f"{current_v + 1:032}.{random.random():016}"
 
-    # -- telemetry around every saver call ---------------------------------
-
-    async def _timed(self, op: str, fn: Any, *args: Any) -> Any:
-        """Run one saver operation inside its span and record its duration."""
-        return await self._inst.timed(op, fn, *args)
-
     # -- the operations, as coroutines in the engine's loop ------------------
 
     async def _get_tuple(self, config: Any) -> CheckpointTuple | None:
@@ -178,17 +172,18 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         """Run coroutine function ``fn`` in the engine's loop from sync code."""
         raise NotImplementedError
 
-    async def _in_loop(self, fn: Any, *args: Any) -> Any:  # pragma: no cover - abstract
-        """Run coroutine function ``fn`` in the engine's loop from async code."""
+    def _in_loop(self, fn: Any, *args: Any) -> Awaitable[Any]:  # pragma: no cover - abstract
+        """An awaitable that runs coroutine function ``fn`` in the engine's loop from async code
+        (each saver operation runs in its span, ``Instruments.timed``)."""
         raise NotImplementedError
 
     # -- the BaseCheckpointSaver API, sync and async -------------------------
 
     def get_tuple(self, config: Any) -> CheckpointTuple | None:
-        return self._blocking(self._timed, "get_tuple", self._get_tuple, config)  # type: ignore[no-any-return]
+        return self._blocking(self._inst.timed, "get_tuple", self._get_tuple, config)  # type: ignore[no-any-return]
 
     async def aget_tuple(self, config: Any) -> CheckpointTuple | None:
-        return await self._in_loop(self._timed, "get_tuple", self._get_tuple, config)  # type: ignore[no-any-return]
+        return await self._in_loop(self._inst.timed, "get_tuple", self._get_tuple, config)  # type: ignore[no-any-return]
 
     def list(
         self,
@@ -198,7 +193,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         before: Any = None,
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
-        yield from self._blocking(self._timed, "list", self._list, config, filter, before, limit)
+        yield from self._blocking(self._inst.timed, "list", self._list, config, filter, before, limit)
 
     async def alist(
         self,
@@ -208,7 +203,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         before: Any = None,
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
-        for tup in await self._in_loop(self._timed, "list", self._list, config, filter, before, limit):
+        for tup in await self._in_loop(self._inst.timed, "list", self._list, config, filter, before, limit):
             yield tup
 
     def put(
@@ -218,7 +213,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> dict[str, Any]:
-        return self._blocking(self._timed, "put", self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
+        return self._blocking(self._inst.timed, "put", self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
 
     async def aput(
         self,
@@ -227,41 +222,41 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> dict[str, Any]:
-        return await self._in_loop(self._timed, "put", self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
+        return await self._in_loop(self._inst.timed, "put", self._put, config, checkpoint, metadata, new_versions)  # type: ignore[no-any-return]
 
     def put_writes(
         self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
     ) -> None:
-        self._blocking(self._timed, "put_writes", self._put_writes, config, writes, task_id, task_path)
+        self._blocking(self._inst.timed, "put_writes", self._put_writes, config, writes, task_id, task_path)
 
     async def aput_writes(
         self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
     ) -> None:
-        await self._in_loop(self._timed, "put_writes", self._put_writes, config, writes, task_id, task_path)
+        await self._in_loop(self._inst.timed, "put_writes", self._put_writes, config, writes, task_id, task_path)
 
     def delete_thread(self, thread_id: str) -> None:
-        self._blocking(self._timed, "delete_thread", self._delete_thread, thread_id)
+        self._blocking(self._inst.timed, "delete_thread", self._delete_thread, thread_id)
 
     async def adelete_thread(self, thread_id: str) -> None:
-        await self._in_loop(self._timed, "delete_thread", self._delete_thread, thread_id)
+        await self._in_loop(self._inst.timed, "delete_thread", self._delete_thread, thread_id)
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
-        self._blocking(self._timed, "delete_for_runs", self._delete_for_runs, run_ids)
+        self._blocking(self._inst.timed, "delete_for_runs", self._delete_for_runs, run_ids)
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await self._in_loop(self._timed, "delete_for_runs", self._delete_for_runs, run_ids)
+        await self._in_loop(self._inst.timed, "delete_for_runs", self._delete_for_runs, run_ids)
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        self._blocking(self._timed, "copy_thread", self._copy_thread, source_thread_id, target_thread_id)
+        self._blocking(self._inst.timed, "copy_thread", self._copy_thread, source_thread_id, target_thread_id)
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await self._in_loop(self._timed, "copy_thread", self._copy_thread, source_thread_id, target_thread_id)
+        await self._in_loop(self._inst.timed, "copy_thread", self._copy_thread, source_thread_id, target_thread_id)
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        self._blocking(self._timed, "prune", self._prune, thread_ids, strategy)
+        self._blocking(self._inst.timed, "prune", self._prune, thread_ids, strategy)
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        await self._in_loop(self._timed, "prune", self._prune, thread_ids, strategy)
+        await self._in_loop(self._inst.timed, "prune", self._prune, thread_ids, strategy)
 
     # -- construction on either store ----------------------------------------
 
