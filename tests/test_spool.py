@@ -191,8 +191,17 @@ async def test_sync_saver_spools_too(tmp_path: Any) -> None:
 # -- replay --------------------------------------------------------------------------------
 
 
+#: for the savers that ``_snapshot_while_stalled`` stalls: rows stay in the batcher until the
+#: snapshot is taken. With batches leaving every few ms, the stalled ingest slots and the
+#: ingestor's queue filled up, the batcher blocked, and a spooled put then waited for it
+#: forever: the test hung whenever the puts took long enough to make that many batches.
+HOLD_BATCHES = {"flush_interval": 60.0}
+
+
 async def _snapshot_while_stalled(saver: AsyncKustoSaver, backend: FaultyBackend, src: str, dst: str, work: Any) -> None:
-    """Run ``work`` with ingestion stalled, copy the spool (a crash at that moment), then let it drain."""
+    """Run ``work`` with ingestion stalled, copy the spool (a crash at that moment), then let it drain.
+    ``saver`` must hold its rows in the batcher meanwhile (:data:`HOLD_BATCHES`)."""
+    assert saver.options.flush_interval >= HOLD_BATCHES["flush_interval"]
     backend.stall()
     await work()
     assert saver.engine.stats()["spool_records"] > 0
@@ -203,7 +212,7 @@ async def _snapshot_while_stalled(saver: AsyncKustoSaver, backend: FaultyBackend
 async def test_replay_restores_unacknowledged_rows_without_duplicates_or_resurrection(tmp_path: Any) -> None:
     store = str(tmp_path / "r.duckdb")
     sdir, snap = str(tmp_path / "spool"), str(tmp_path / "snap")
-    saver, backend = spooled(store, spool_dir=sdir)
+    saver, backend = spooled(store, spool_dir=sdir, **HOLD_BATCHES)
     ids: dict[str, list[str]] = {}
 
     async def work() -> None:
@@ -246,7 +255,7 @@ async def test_replay_restores_unacknowledged_rows_without_duplicates_or_resurre
 
 async def test_replay_into_a_fresh_store_drops_a_torn_tail_with_a_warning(tmp_path: Any, caplog: Any) -> None:
     sdir, snap = str(tmp_path / "spool"), str(tmp_path / "snap")
-    saver, backend = spooled(spool_dir=sdir)
+    saver, backend = spooled(spool_dir=sdir, **HOLD_BATCHES)
     ids: dict[str, list[str]] = {}
 
     async def work() -> None:
@@ -278,7 +287,7 @@ async def test_a_replayed_segment_is_deleted_only_after_all_its_records_were_sen
     tmp_path: Any, monkeypatch: Any
 ) -> None:
     sdir, snap = str(tmp_path / "spool"), str(tmp_path / "snap")
-    saver, backend = spooled(spool_dir=sdir)
+    saver, backend = spooled(spool_dir=sdir, **HOLD_BATCHES)
 
     async def work() -> None:
         async with anyio.create_task_group() as tg:
