@@ -186,11 +186,17 @@ async def test_admission_admits_in_arrival_order_as_room_appears() -> None:
     assert admitted == [0, 1, 2, 3, 4] and len(gate) == 0
 
 
-async def test_admission_a_cancelled_waiter_passes_its_turn_on_and_leaves_nothing() -> None:
+def full_box_with_a_gate() -> tuple[Mailbox, Admission]:
+    """A full one-slot mailbox whose room wakes an admission queue."""
     box = Mailbox("t", 1)
     gate = Admission()
     box.on_room = gate.poke
     box.send_nowait("full")
+    return box, gate
+
+
+async def test_admission_a_cancelled_waiter_passes_its_turn_on_and_leaves_nothing() -> None:
+    box, gate = full_box_with_a_gate()
     admitted: list[str] = []
 
     async def put(name: str, scope: anyio.CancelScope | None = None) -> None:
@@ -220,10 +226,7 @@ async def test_admission_a_cancelled_waiter_passes_its_turn_on_and_leaves_nothin
 
 
 async def test_admission_wakes_waiters_when_the_mailbox_closes() -> None:
-    box = Mailbox("t", 1)
-    gate = Admission()
-    box.on_room = gate.poke
-    box.send_nowait("full")
+    box, gate = full_box_with_a_gate()
     errors: list[BaseException] = []
 
     async def put() -> None:
