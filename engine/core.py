@@ -24,7 +24,6 @@ from .backends.base import Backend
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Read, ReadSpec
-from .mailbox import loop_event_class
 from .records import Bundle, Record
 from .runtime import Runtime
 from .spool import EMPTY_STATS, Spool, spool_dir_for
@@ -78,7 +77,6 @@ class Engine:
             await self.backend.open()
             stack.push_async_callback(self.backend.close)
             rt = Runtime(cfg, self.backend, self.instruments)
-            rt.new_event = loop_event_class()
             rt.query_limiter = anyio.CapacityLimiter(cfg.query_concurrency)
             for name in ACTORS:
                 # the ingestor's queue is part of the memory bound: ingest_queue_size batches
@@ -205,9 +203,8 @@ class Engine:
         (:class:`~.mailbox.Admission`), in arrival order, until there is room, and
         then takes the fast path itself; while anyone waits there, later puts queue
         behind them. With durability="spool" a put instead goes through the batcher,
-        which admits it to the spool, and waits for the cache's reply and the fsync;
-        while such a put waits in the batcher's mailbox no fast-path put is admitted,
-        so the bytes queued ahead of it are all buffered when the batcher takes it.
+        which admits it to the spool, and waits for the cache's reply and the fsync
+        (that engine takes no fast-path put: nothing else is queued ahead of it).
         """
         rt = self._check()
         cfg = rt.config
@@ -224,7 +221,7 @@ class Engine:
                 def room() -> bool:
                     held = b.queued_bytes + b.buffered_bytes
                     return (
-                        not b.waiting_puts and batcher.has_room() and cache.has_room()
+                        batcher.has_room() and cache.has_room()
                         # one put larger than the whole share goes alone, into an empty buffer
                         and (held + nbytes <= limit or held == 0)
                     ) or batcher.closed or cache.closed  # closed: the send below raises
@@ -251,12 +248,7 @@ class Engine:
                     started = time.perf_counter()
                     full = not batcher.has_room()
                     msg.waited = True
-                    b.waiting_puts += 1
-                    try:
-                        await self._send(rt, "batcher", msg)
-                    except BaseException:
-                        b.waiting_puts -= 1  # not enqueued: a send enqueues or raises, never both
-                        raise
+                    await self._send(rt, "batcher", msg)
                     waited = time.perf_counter() - started
                     if full:
                         rt.puts_waited += 1

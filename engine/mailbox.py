@@ -116,8 +116,8 @@ class Mailbox:
         self.size = size
         self._buf: deque[Any] = deque()
         self._redeliver: deque[Any] = deque()
-        self._reader: anyio.Event | None = None
-        self._space: deque[anyio.Event] = deque()
+        self._reader: Any = None
+        self._space: deque[Any] = deque()
         self._since_yield = 0
         self._new_event = loop_event_class()
         #: called whenever room may have appeared (a message taken, the mailbox closed):

@@ -58,8 +58,8 @@ class Put(Message):
         self.update_views = update_views
         #: the sender already handed the records to the query cache (fast path)
         self.accepted = False
-        #: sent by ``Engine.put`` the slow way (counted in ``BatcherState.waiting_puts``
-        #: until the batcher takes it)
+        #: sent by ``Engine.put`` the slow way (durability="spool"): its bytes count as
+        #: queued once the batcher takes it
         self.waited = False
         #: its bytes are in ``BatcherState.queued_bytes`` until the batcher buffers its rows
         self.queued = False

@@ -18,13 +18,12 @@ value's text.
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import binascii
 
 import orjson
 import pybase64
@@ -106,7 +105,7 @@ def payload_bytes(value: Any) -> bytes:
 
 def chunk_bytes(cell_limit: int) -> int:
     """Bytes of payload per row: a multiple of 3 whose base64 text fits ``cell_limit``."""
-    return max(3, cell_limit // 4 * 3)
+    return cell_limit // 4 * 3  # EngineConfig keeps cell_limit >= 4
 
 
 def encoded_len(nbytes: int) -> int:

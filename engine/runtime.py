@@ -42,8 +42,8 @@ class Runtime:
     puts_waited: int = 0
     put_wait_s: float = 0.0
 
-    #: the event loop's Event class (see ``loop_event_class``); set when the engine starts
-    new_event: Any = anyio.Event
+    #: the event loop's Event class (``loop_event_class``: the runtime is built in the loop)
+    new_event: Any = field(default_factory=loop_event_class)
 
     def reply(self) -> Reply[Any]:
         return Reply(self.replies, self.new_event)

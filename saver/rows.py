@@ -32,7 +32,6 @@ from .engine.records import (
     encoded_len,
     json_bytes,
     now_us,
-    payload_bytes,
 )
 
 
@@ -104,7 +103,7 @@ def _dump(serde: SerializerProtocol, value: Any, what: str) -> tuple[str, bytes]
 
 
 def _load(serde: SerializerProtocol, type_: str, payload: bytes) -> Any:
-    return serde.loads_typed((type_, payload if type(payload) is bytes else payload_bytes(payload)))
+    return serde.loads_typed((type_, payload))
 
 
 def _mapping(value: Any, what: str, *, keys: str | None = None) -> Mapping[str, Any]:

@@ -49,10 +49,6 @@ class BatcherState:
     #: (the engine admits a fast-path put only while this plus ``buffered_bytes``
     #: stays within ``batcher_buffer_bytes``: the memory bound counts them)
     queued_bytes: int = 0
-    #: puts ``Engine.put`` sent the slow way that the batcher has not taken yet: while
-    #: there is one, the fast path is closed, so the queued bytes ahead of it are all
-    #: buffered by the time the batcher takes it and counts its bytes as queued
-    waiting_puts: int = 0
 
 
 class Batcher(Actor):
@@ -79,7 +75,6 @@ class Batcher(Actor):
         cfg = self.runtime.config
         if msg.waited:  # taken from the mailbox: from now on its bytes count as queued
             msg.waited = False
-            st.waiting_puts -= 1
             msg.queued = True
             st.queued_bytes += msg.nbytes
         if st.buffered_bytes and st.buffered_bytes + msg.nbytes > cfg.batcher_buffer_bytes:

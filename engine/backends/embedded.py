@@ -34,6 +34,12 @@ from ..schema import BINARY_COLUMNS, DATETIME, DYNAMIC, INT, LONG, STRING, TABLE
 _DUCK_TYPES = {STRING: "VARCHAR", DYNAMIC: "JSON", LONG: "BIGINT", INT: "INTEGER", DATETIME: "TIMESTAMP"}
 _ARROW_TYPES = {STRING: pa.string(), DYNAMIC: pa.string(), LONG: pa.int64(), INT: pa.int32(), DATETIME: pa.timestamp("us")}
 
+#: KQL text -> translated SQL, shared by every instance (the schema is fixed):
+#: parsing KQL is the slow part of a first query, so it happens once per process
+_TRANSLATED: dict[str, Any] = {}
+_TRANSLATE_LOCK = threading.Lock()
+_DELETE_RE = re.compile(r"^\s*\.delete\s+table\s+(\w+)\s+records\s*<\|\s*(.*)$", re.S)
+
 
 def _duck_type(column: str, kind: str) -> str:
     return "BLOB" if column in BINARY_COLUMNS else _DUCK_TYPES[kind]
@@ -41,11 +47,6 @@ def _duck_type(column: str, kind: str) -> str:
 
 def _arrow_type(column: str, kind: str) -> pa.DataType:
     return pa.binary() if column in BINARY_COLUMNS else _ARROW_TYPES[kind]
-#: KQL text -> translated SQL, shared by every instance (the schema is fixed):
-#: parsing KQL is the slow part of a first query, so it happens once per process
-_TRANSLATED: dict[str, Any] = {}
-_TRANSLATE_LOCK = threading.Lock()
-_DELETE_RE = re.compile(r"^\s*\.delete\s+table\s+(\w+)\s+records\s*<\|\s*(.*)$", re.S)
 
 
 def _dynamic_text(value: Any) -> str | None:
