@@ -16,19 +16,9 @@ from .errors import ConfigError
 SUPERVISION_STRATEGIES = ("one_for_one", "rest_for_one")
 DURABILITY_MODES = ("memory", "spool", "ingested")
 
-#: Defaults for a remote backend (Kusto; a backend with ``remote = True``), applied
-#: under the caller's options. Each ingest call there holds one of ``ingest_concurrency``
-#: slots for a network round trip (streaming ingestion: ~100 ms to 1 s) however small the
-#: batch, so at 4 slots the ingest rate is ~4 batches per round trip and writes outrun it:
-#: the batcher blocks, its mailbox fills and puts wait (backpressure). 16 slots keep
-#: round trips overlapped (Little's law: rate x latency batches in flight), and the
-#: memory bound grows with them, since every queued or in-flight batch counts against it
-#: at ``max_batch_bytes``: (4 + 16 + 1) x 4 MiB = 84 MiB needed; 128 MiB leaves the
-#: batcher 48 MiB (the embedded defaults leave it 32 MiB).
-REMOTE_DEFAULTS: dict[str, Any] = {
-    "ingest_concurrency": 16,
-    "max_buffered_bytes": 128 * 1024 * 1024,
-}
+#: ``ingest_concurrency`` never defaults to fewer slots than this when the caller sets
+#: the memory bound, the batch cap or the queue (see :meth:`EngineConfig.from_options`)
+MIN_DEFAULT_INGEST_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -41,12 +31,19 @@ class EngineConfig:
     flush_interval: float = 0.05
     #: the memory bound: bytes accepted by the engine and not yet ingested
     #: (batcher buffer + ingest queue + in-flight batches) never exceed this,
-    #: except that one value larger than the bound is admitted alone.
-    max_buffered_bytes: int = 64 * 1024 * 1024
+    #: except that one value larger than the bound is admitted alone. Queued and
+    #: in-flight batches count at max_batch_bytes each: (4 + 16 + 1) x 4 MiB = 84 MiB
+    #: at the defaults, which leaves the batcher 44 MiB.
+    max_buffered_bytes: int = 128 * 1024 * 1024
     #: messages each actor mailbox holds before senders block
     mailbox_size: int = 1024
-    #: batches sent to the backend at once
-    ingest_concurrency: int = 4
+    #: batches sent to the backend at once. Each ingest call holds its slot for the whole
+    #: call however small the batch: a network round trip on Kusto (streaming ingestion:
+    #: ~100 ms to 1 s), and on the embedded store the wait for a busy event loop to run
+    #: the call's worker thread and take its answer. With 4 slots a busy host outran that,
+    #: the batcher blocked and puts waited (backpressure); 16 keep the calls overlapped
+    #: (Little's law: rate x latency batches in flight)
+    ingest_concurrency: int = 16
     #: batches queued for the ingestor before the batcher blocks
     ingest_queue_size: int = 4
     #: retries of a transient backend failure (throttling, 5xx, timeouts)
@@ -173,36 +170,32 @@ class EngineConfig:
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
+        """The settings from keyword options, every one validated.
+
+        A caller who sets the memory bound, the batch cap or the queue but not
+        ``ingest_concurrency`` gets as many ingest slots as three quarters of that bound
+        hold (at most the default, at least :data:`MIN_DEFAULT_INGEST_CONCURRENCY`), so a
+        smaller bound stays valid without also naming the slots.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(
                 f"unknown engine option(s) {unknown}; known options: {sorted(known)}"
             )
+        if "ingest_concurrency" not in options and {"max_buffered_bytes", "max_batch_bytes", "ingest_queue_size"} & set(options):
+            options = {**options, "ingest_concurrency": _fitting_concurrency(options)}
         return cls(**options)
 
 
-def defaults_for(backend: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` over the backend's defaults: :func:`remote_options` for a remote one."""
-    return remote_options(options) if getattr(backend, "remote", False) else dict(options)
-
-
-def remote_options(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` over :data:`REMOTE_DEFAULTS`.
-
-    A caller who sets the memory bound, the batch cap or the queue but not
-    ``ingest_concurrency`` gets as many ingest slots as three quarters of that bound hold
-    (at most the remote default, at least the engine's), so options valid before stay valid.
-    """
-    merged = {**REMOTE_DEFAULTS, **options}
-    if "ingest_concurrency" not in options and {"max_buffered_bytes", "max_batch_bytes", "ingest_queue_size"} & set(options):
-        base = EngineConfig()
-        try:
-            fits = (  # leaving the batcher a quarter of the bound
-                int(merged["max_buffered_bytes"]) * 3 // 4 // int(merged.get("max_batch_bytes", base.max_batch_bytes))
-                - int(merged.get("ingest_queue_size", base.ingest_queue_size)) - 1
-            )
-        except (TypeError, ValueError, ZeroDivisionError):
-            fits = REMOTE_DEFAULTS["ingest_concurrency"]  # invalid values: from_options names them
-        merged["ingest_concurrency"] = max(base.ingest_concurrency, min(REMOTE_DEFAULTS["ingest_concurrency"], fits))
-    return merged
+def _fitting_concurrency(options: dict[str, Any]) -> int:
+    """Ingest slots that leave the batcher a quarter of the memory bound in ``options``."""
+    default = EngineConfig.ingest_concurrency
+    try:
+        bound = int(options.get("max_buffered_bytes", EngineConfig.max_buffered_bytes))
+        batch = int(options.get("max_batch_bytes", EngineConfig.max_batch_bytes))
+        queue = int(options.get("ingest_queue_size", EngineConfig.ingest_queue_size))
+        fits = bound * 3 // 4 // batch - queue - 1
+    except (TypeError, ValueError, ZeroDivisionError):
+        return default  # invalid values: validation names them
+    return max(MIN_DEFAULT_INGEST_CONCURRENCY, min(default, fits))

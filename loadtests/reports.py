@@ -128,13 +128,8 @@ def compare_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def report_latency_hiding(cfg: LoadTestConfig, on_event: OnEvent = None) -> dict[str, Any]:
     """The same workload (graph by default) with a zero-latency and an injected-latency backend."""
-    from langgraph.checkpoint.kusto.engine.config import remote_options
-
     spec = parse_inject(cfg.inject or DEFAULT_HIDING_INJECT)
-    # the injected backend stands for a remote one (Kusto): both runs use the engine's
-    # defaults for a remote backend (engine.config.REMOTE_DEFAULTS, printed as the run's
-    # engine options) under any option given on the command line
-    base_cfg = replace(cfg, inject=None, compare=False, engine_options=remote_options(cfg.engine_options))
+    base_cfg = replace(cfg, inject=None, compare=False)
     variants = [
         Variant(key="kusto-0ms", label="injected: none", inject=InjectSpec(), faulty=True),
         Variant(key="kusto-injected", label=f"injected: {spec.describe()}", inject=spec, faulty=True),
@@ -149,7 +144,7 @@ async def report_latency_hiding(cfg: LoadTestConfig, on_event: OnEvent = None) -
             target=0.8,
             ours=("injected", slow.get("ops_per_s"), unit),
             base=("none injected", zero.get("ops_per_s"), unit),
-            note="both runs with the engine's defaults for a remote backend (Kusto), under -o options: "
+            note="both runs with the same engine options: "
                  + ", ".join(f"{k}={v}" for k, v in sorted(base_cfg.engine_options.items())),
         )
     ]
@@ -500,13 +495,7 @@ async def report_sweep(
 ) -> dict[str, Any]:
     """Sweep engine settings (and agents) on our saver; recommend settings for the workload."""
     from langgraph.checkpoint.kusto import EngineConfig
-    from langgraph.checkpoint.kusto.engine.config import remote_options
-
     grids = dict(grids or SWEEP_DEFAULTS)
-    # a cluster (or injected latency, which stands for one) starts from the engine's
-    # defaults for a remote backend, as the saver itself would
-    if cfg.cluster_uri or cfg.inject:
-        cfg = replace(cfg, engine_options=remote_options(cfg.engine_options))
     d = EngineConfig.from_options(**cfg.engine_options)
     base = {"batch_size": d.batch_size, "flush_interval": d.flush_interval,
             "ingest_concurrency": d.ingest_concurrency, "agents": cfg.agents}

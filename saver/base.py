@@ -17,7 +17,6 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .engine import Engine, EngineConfig
-from .engine.config import defaults_for
 from .engine.backends.base import Backend
 from .engine.backends.embedded import EmbeddedBackend
 from .engine.errors import ConfigError
@@ -62,8 +61,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         """``meter_provider`` / ``tracer_provider``: OpenTelemetry providers to report to
         (default: the global ones, i.e. the host's SDK, or no-op without one)."""
         super().__init__(serde=serde)
-        # a remote backend (Kusto) gets its own defaults under the caller's options
-        self.options = EngineConfig.from_options(**defaults_for(backend, options))
+        self.options = EngineConfig.from_options(**options)
         cap = getattr(backend, "max_value_size", None)
         if cap is not None and self.options.cell_limit > cap:
             raise ConfigError(

@@ -329,7 +329,7 @@ def test_configuration_is_validated() -> None:
         assert saver.options.visibility_delay == delay, mode
 
 
-def test_kusto_gets_the_remote_defaults_under_the_callers_options() -> None:
+def test_every_backend_gets_the_same_defaults_and_a_smaller_bound_stays_valid() -> None:
     from langgraph.checkpoint.kusto.engine.backends.embedded import EmbeddedBackend
     from langgraph.checkpoint.kusto.engine.backends.faulty import FaultyBackend
 
@@ -338,20 +338,22 @@ def test_kusto_gets_the_remote_defaults_under_the_callers_options() -> None:
             "https://c.kusto.windows.net", "db", credential=_FakeCredential(), **options
         ).options
 
-    # a round trip per ingest call: more slots, and a memory bound that holds them
+    # an ingest call holds its slot for a round trip (or a busy loop's turn): 16 slots,
+    # and a memory bound that holds them
     o = opts()
     assert (o.ingest_concurrency, o.max_buffered_bytes) == (16, 128 * 2**20)
-    assert o.batcher_buffer_bytes >= 32 * 2**20
+    assert o.batcher_buffer_bytes == (128 - (4 + 1 + 16) * 4) * 2**20
     assert opts(ingest_concurrency=2).ingest_concurrency == 2
-    # options valid before the remote defaults stay valid: the slots fit the bound given
+    # a smaller bound without the slots named: as many slots as three quarters of it hold
     o = opts(max_buffered_bytes=64 * 2**20)
     assert (o.ingest_concurrency, o.batcher_buffer_bytes) == (7, 16 * 2**20)
     assert opts(max_buffered_bytes=32 * 2**20, max_batch_bytes=2**20).ingest_concurrency == 16
-    # the embedded store keeps the engine's defaults, also behind a FaultyBackend
-    for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend())):
-        assert AsyncKustoSaver(local).options.ingest_concurrency == 4
-    assert AsyncKustoSaver(FaultyBackend(KustoBackend("https://c.kusto.windows.net", "db",
-                                                      credential=_FakeCredential()))).options.ingest_concurrency == 16
+    assert opts(max_buffered_bytes=40 * 2**20).ingest_concurrency == 4  # never under 4
+    # the same for the embedded store, also behind a FaultyBackend
+    for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend()),
+                  FaultyBackend(KustoBackend("https://c.kusto.windows.net", "db", credential=_FakeCredential()))):
+        assert AsyncKustoSaver(local).options == o.__class__()
+        assert AsyncKustoSaver(local, max_buffered_bytes=64 * 2**20).options.ingest_concurrency == 7
 
 
 class _FakeCredential:

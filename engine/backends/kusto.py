@@ -576,14 +576,11 @@ class KustoBackend:
     (``.ingest inline`` management commands: for the Kusto emulator and prototyping
     only, Kusto advises against it in production). ``query_timeout``: seconds, sent as
     ``servertimeout`` (the client waits 30 s longer). ``threads``: worker threads for the
-    SDK's blocking calls, shared by ingestion and queries: 24 holds the remote defaults'
+    SDK's blocking calls, shared by ingestion and queries: 24 holds the engine's default
     16 ingest slots and the engine's 8 queries at once, so reads never wait behind ingests.
     """
 
     name = "kusto"
-    #: every call is a network round trip: the engine applies its remote defaults
-    #: (``engine.config.REMOTE_DEFAULTS``: 16 ingest slots) under the caller's options
-    remote = True
 
     def __init__(
         self,
