@@ -145,7 +145,7 @@ async def report_latency_hiding(cfg: LoadTestConfig, on_event: OnEvent = None) -
             ours=("injected", slow.get("ops_per_s"), unit),
             base=("none injected", zero.get("ops_per_s"), unit),
             note="both runs with the same engine options: "
-                 + ", ".join(f"{k}={v}" for k, v in sorted(base_cfg.engine_options.items())),
+                 + (", ".join(f"{k}={v}" for k, v in sorted(base_cfg.engine_options.items())) or "defaults"),
         )
     ]
     return {"report": "latency-hiding", "config": asdict(cfg), "inject": spec.as_dict(),
