@@ -161,7 +161,7 @@ async def test_restart_after_injected_crash_increments_the_restart_counter(otel:
 async def test_stalled_backend_raises_the_backpressure_wait(otel: Otel) -> None:
     saver, backend = saver_on(
         otel,
-        max_buffered_bytes=256 * 1024, max_batch_bytes=32 * 1024, ingest_queue_size=2,
+        max_buffered_bytes=512 * 1024, max_batch_bytes=32 * 1024, ingest_queue_size=2,
         ingest_concurrency=2, batch_size=50, mailbox_size=8, cell_limit=16 * 1024,
     )
     payload = "x" * 6000
