@@ -330,6 +330,7 @@ def test_configuration_is_validated() -> None:
 
 
 def test_every_backend_gets_the_same_defaults_and_a_smaller_bound_stays_valid() -> None:
+    from langgraph.checkpoint.kusto import EngineConfig
     from langgraph.checkpoint.kusto.engine.backends.embedded import EmbeddedBackend
     from langgraph.checkpoint.kusto.engine.backends.faulty import FaultyBackend
 
@@ -352,7 +353,7 @@ def test_every_backend_gets_the_same_defaults_and_a_smaller_bound_stays_valid() 
     # the same for the embedded store, also behind a FaultyBackend
     for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend()),
                   FaultyBackend(KustoBackend("https://c.kusto.windows.net", "db", credential=_FakeCredential()))):
-        assert AsyncKustoSaver(local).options == o.__class__()
+        assert AsyncKustoSaver(local).options == EngineConfig()
         assert AsyncKustoSaver(local, max_buffered_bytes=64 * 2**20).options.ingest_concurrency == 7
 
 
