@@ -171,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="scale: the large agent count (compared with --agents)")
     rep.add_argument("--memory-bound-bytes", type=_size, default=reports.DEFAULT_MEMORY_BOUND,
                      help="memory-bound: max_buffered_bytes for the stalled-backend run (e.g. 32MiB)")
-    rep.add_argument("--telemetry-rounds", type=_positive_int, default=reports.DEFAULT_TELEMETRY_ROUNDS,
-                     help="telemetry: interleaved rounds of every variant (each ratio is the median of its rounds' ratios)")
+    rep.add_argument("--rounds", "--telemetry-rounds", dest="rounds", type=_positive_int, metavar="N",
+                     help="latency-hiding and telemetry: interleaved rounds of every variant, the order reversed "
+                     "every other round; each ratio is the median of the rounds' own ratios (default: "
+                     f"{reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry)")
     rep.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                      help="acceptance: run each section in a fresh Python process (clean RSS figures)")
     rep.add_argument("--strict", action="store_true", help="acceptance: exit 1 when a target is missed")
@@ -220,7 +222,7 @@ def child_argv(args: argparse.Namespace, cfg: runner.LoadTestConfig) -> list[str
             "--verify" if cfg.verify else "--no-verify",
             *(["--verify-sample", str(cfg.verify_sample)] if cfg.verify_sample else []),
             "--scale-agents", str(args.scale_agents), "--memory-bound-bytes", str(args.memory_bound_bytes),
-            "--telemetry-rounds", str(args.telemetry_rounds),
+            *(["--rounds", str(args.rounds)] if args.rounds else []),
             "--progress", "none" if args.quiet else args.progress]
     for k, v in cfg.engine_options.items():
         argv += ["-o", f"{k}={json.dumps(v)}"]
@@ -521,13 +523,13 @@ async def _run_report(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_e
         return await reports.report_sweep(cfg, on_event, grids=grids, mode=args.sweep_mode, slack=args.sweep_slack,
                                           confirm=args.sweep_confirm)
     if kind == "latency-hiding":
-        return await reports.report_latency_hiding(cfg, on_event)
+        return await reports.report_latency_hiding(cfg, on_event, rounds=args.rounds or reports.DEFAULT_HIDING_ROUNDS)
     if kind == "scale":
         return await reports.report_scale(cfg, on_event, large_agents=args.scale_agents)
     if kind == "memory-bound":
         return await reports.report_memory_bound(cfg, on_event, bound=args.memory_bound_bytes)
     if kind == "telemetry":
-        return await reports.report_telemetry(cfg, on_event, rounds=args.telemetry_rounds)
+        return await reports.report_telemetry(cfg, on_event, rounds=args.rounds or reports.DEFAULT_TELEMETRY_ROUNDS)
     if kind == "durability":
         return await reports.report_durability(cfg, on_event)
     raise AssertionError(kind)
@@ -539,7 +541,7 @@ def _acceptance(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: 
     started = time.perf_counter()
     sections: dict[str, dict[str, Any]] = {}
     opts = {"scale_agents": args.scale_agents, "memory_bound": args.memory_bound_bytes,
-            "telemetry_rounds": args.telemetry_rounds}
+            "rounds": args.rounds}
     for name in reports.ACCEPTANCE_SECTIONS:
         if not args.quiet:
             print(f"== acceptance section: {name} ==", file=err, flush=True)
