@@ -476,6 +476,39 @@ async def test_transient_failures_are_retried() -> None:
         assert len(await stored_ids(saver, "t")) == 5
 
 
+@pytest.mark.parametrize("retried", [False, True], ids=["first-try", "retried"])
+async def test_ingested_records_are_freed_without_the_cyclic_gc(retried: bool) -> None:
+    """Once a batch is ingested, its records go with their last reference: nothing of
+    the batch may sit in a reference cycle (tenacity's retrying object is one), where
+    only a collection frees it and every record and row keeps the GC busy until then."""
+    import gc
+
+    from langgraph.checkpoint.kusto.engine.messages import Batch
+    from langgraph.checkpoint.kusto.engine.records import BlobRec, CheckpointRec, WriteRec
+
+    saver, _ = saver_on(FaultPlan(fail_next_ingests=2 if retried else 0), max_retries=4)
+    async with saver:
+        await put_chain(saver, "warm", 2)
+        await saver.flush()
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            await put_chain(saver, "t", 10)
+            await saver.flush()
+            with anyio.fail_after(5):  # the cache takes the batches' outcomes from its mailbox
+                while saver.engine.stats()["overlay_records"]:
+                    await anyio.sleep(0.005)
+            assert (saver.engine.stats()["retries"] > 0) is retried
+            gc.collect()
+            kept = [type(o).__name__ for o in gc.garbage if isinstance(o, (Batch, BlobRec, CheckpointRec, WriteRec))]
+        finally:
+            gc.garbage.clear()
+            gc.set_debug(0)
+            gc.enable()
+        assert kept == []
+
+
 async def test_permanent_failure_reaches_the_caller() -> None:
     saver, backend = saver_on(FaultPlan(fail_next_ingests=100, fail_permanently=True))
     with pytest.raises(IngestError):

@@ -15,6 +15,7 @@ them again (reads deduplicate, so a batch ingested twice is harmless).
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,15 +88,15 @@ class Ingestor(Actor):
         started = time.perf_counter()
         error: BaseException | None = None
 
-        def count_retry(rs: RetryCallState) -> None:
-            st.retries += 1
-            inst.ingest_retries.add(1, inst.attrs(**{names.TABLE: batch.table}))
-
         nrows = len(batch.refs)
         try:
             with inst.ingest_span(batch.table, nrows, batch.links):
                 rows = batch.materialize(cfg.cell_limit)
-                await retrying(cfg, lambda: rt.backend.ingest(batch.table, rows), count_retry)
+                # the retry callback must not hold the batch: tenacity's retrying object
+                # is in a reference cycle (itself -> its state -> its bound methods), so
+                # whatever it references is freed only by the cyclic GC, and a batch held
+                # that way kept all its records and row tuples alive until a collection
+                await retrying(cfg, lambda: rt.backend.ingest(batch.table, rows), partial(self._count_retry, batch.table))
         except Exception as exc:  # noqa: BLE001 - reported to every waiter below
             why = f"after {cfg.max_retries} retries" if isinstance(exc, TransientBackendError) else "(not retryable)"
             error = IngestError(f"could not ingest {nrows} row(s) into {batch.table} {why}: {exc}")
@@ -126,6 +127,11 @@ class Ingestor(Actor):
         st.inflight_bytes -= batch.nbytes
         self._slots.release()
         self._check_drains()
+
+    def _count_retry(self, table: str, rs: RetryCallState) -> None:
+        self.state.retries += 1
+        inst = self.runtime.instruments
+        inst.ingest_retries.add(1, inst.attrs(**{names.TABLE: table}))
 
     def _check_drains(self) -> None:
         st = self.state
