@@ -212,24 +212,16 @@ class Engine:
         batcher = rt.mailboxes["batcher"]
         cache = rt.mailboxes["cache"]
         b: BatcherState = self._states["batcher"]
-        limit = cfg.batcher_buffer_bytes
         try:
             with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
                 msg = make_put(rt, records, None, ticket_reply=ingested)
                 nbytes = msg.nbytes
-
-                def room() -> bool:
-                    held = b.queued_bytes + b.buffered_bytes
-                    return (
-                        batcher.has_room() and cache.has_room()
-                        # one put larger than the whole share goes alone, into an empty buffer
-                        and (held + nbytes <= limit or held == 0)
-                    ) or batcher.closed or cache.closed  # closed: the send below raises
-
                 if rt.spool is None:
-                    if rt.admission or not room():
+                    if rt.admission or not self._room(nbytes):
                         started = time.perf_counter()
-                        await rt.admission.wait(room)
+                        # a method and an int, no closure: thousands of puts may wait
+                        # here at once, and each object they hold is the GC's to walk
+                        await rt.admission.wait(self._room, nbytes)
                         waited = time.perf_counter() - started
                         rt.puts_waited += 1
                         rt.put_wait_s += waited
@@ -268,6 +260,21 @@ class Engine:
                 f"{operation} was not {waited_for} within put_timeout={cfg.put_timeout}s "
                 f"(durability={cfg.durability!r}; the backend is slow or stalled, or the engine's buffers are full)"
             ) from None
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether a put of ``nbytes`` can take the fast path now (or the engine is
+        closing, and the send raises)."""
+        rt = self.runtime
+        assert rt is not None
+        batcher = rt.mailboxes["batcher"]
+        cache = rt.mailboxes["cache"]
+        b: BatcherState = self._states["batcher"]
+        held = b.queued_bytes + b.buffered_bytes
+        return (
+            batcher.has_room() and cache.has_room()
+            # one put larger than the whole share goes alone, into an empty buffer
+            and (held + nbytes <= rt.config.batcher_buffer_bytes or held == 0)
+        ) or batcher.closed or cache.closed
 
     # -- reads -------------------------------------------------------------
 

@@ -273,13 +273,13 @@ class Admission:
                 self._waiters[0][0] = None
                 event.set()
 
-    async def wait(self, ready: Any) -> None:
-        """Return once it is this caller's turn and ``ready()`` holds (no yield in between,
-        so what the caller does next happens under that condition)."""
+    async def wait(self, ready: Any, *args: Any) -> None:
+        """Return once it is this caller's turn and ``ready(*args)`` holds (no yield in
+        between, so what the caller does next happens under that condition)."""
         me: list[Any] = [None]
         self._waiters.append(me)
         try:
-            while not (self._waiters[0] is me and ready()):
+            while not (self._waiters[0] is me and ready(*args)):
                 event = me[0] = self._new_event()
                 await event.wait()
         except BaseException:
