@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import deque
 from contextvars import ContextVar
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -48,6 +49,48 @@ _GAUGES = (
     (names.OVERLAY_BYTES, "By", "Bytes in the read overlay"),
     (names.TOMBSTONES_PENDING, "{tombstone}", "Tombstones whose rows are not yet compacted"),
 )
+
+
+class _Deferred:
+    """A histogram's measurements recorded in bursts instead of one by one.
+
+    ``record`` queues ``(value, attributes)``; the queue goes to the histogram when it
+    holds ``limit`` of them, and at the start of every collection (the observable
+    instruments' callbacks run first in a collection, :meth:`_MeterInstruments._observer`),
+    so every export sees every measurement taken before it. The same values with the
+    same attributes reach the SDK; only the moment they do moves. Why: an SDK
+    ``Histogram.record`` with three attributes costs about 8 us in a tight loop but
+    25-30 us between saver calls, its code and data cold in the CPU caches (raw
+    workload: SDK metrics took the event loop from about 330 to 450 us per step).
+    ``deque.append`` and ``popleft`` are atomic, so a reader's thread may flush while
+    the engine's loop records.
+    """
+
+    __slots__ = ("histogram", "limit", "_pending")
+
+    def __init__(self, histogram: Any, limit: int = 256) -> None:
+        self.histogram = histogram
+        self.limit = limit
+        self._pending: deque[tuple[float, dict[str, Any]]] = deque()
+
+    def record(self, value: float, attributes: dict[str, Any]) -> None:
+        pending = self._pending
+        pending.append((value, attributes))
+        if len(pending) >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        pop = self._pending.popleft
+        record = self.histogram.record
+        while True:
+            try:
+                value, attributes = pop()
+            except IndexError:
+                return
+            record(value, attributes)
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
 
 class _MeterInstruments:
@@ -102,6 +145,8 @@ class _MeterInstruments:
             description="Time a put spent blocked on the batcher's full mailbox",
             explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
         )
+        #: saver calls' durations off the span path (telemetry without tracing): in bursts
+        self.operation_duration_deferred = _Deferred(self.operation_duration)
         # counted by the engine anyway: observed at collection, nothing on the read path
         self.gauges[names.CACHE_REQUESTS] = []
         meter.create_observable_counter(
@@ -119,6 +164,7 @@ class _MeterInstruments:
 
     def _observer(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
+            self.operation_duration_deferred.flush()  # before the collection reads the histograms
             with self.lock:
                 readers = list(self.gauges[name])
             out = []
@@ -246,6 +292,7 @@ class Instruments:
         self._bound: dict[tuple[Any, ...], dict[str, Any]] = {(): self.base_attrs}
         self._span_names: dict[tuple[str, type], str] = {}
         self.operation_duration = shared.operation_duration
+        self._durations = shared.operation_duration_deferred
         self.batch_rows = shared.batch_rows
         self.batch_bytes = shared.batch_bytes
         self.ingest_duration = shared.ingest_duration
@@ -321,12 +368,12 @@ class Instruments:
             try:
                 result = await fn(*args)
             except BaseException as exc:
-                self.operation_duration.record(
+                self._durations.record(
                     time.perf_counter() - started,
                     self.bound(names.DB_OPERATION_NAME, op, names.ERROR_TYPE, type(exc).__qualname__),
                 )
                 raise
-            self.operation_duration.record(time.perf_counter() - started, attrs)
+            self._durations.record(time.perf_counter() - started, attrs)
             return result
         ctx = trace.set_span_in_context(span)
         token = otel_context.attach(ctx)

@@ -139,6 +139,40 @@ async def test_batch_rows_add_up_to_the_rows_written(otel: Otel) -> None:
 
 
 @pytest.mark.anyio
+async def test_call_durations_recorded_in_bursts_all_reach_every_collection(otel: Otel) -> None:
+    """Saver call durations go to the SDK in bursts (telemetry.instruments._Deferred):
+    past the burst size and with a reader collecting from another thread all along,
+    every call is counted once, and a collection right after a call already has it."""
+    # metrics only: a call traced by a recording span has its duration recorded at once
+    saver = AsyncKustoSaver(
+        EmbeddedBackend(":memory:"), meter_provider=otel.meter_provider,
+        tracer_provider=trace.NoOpTracerProvider(), **FAST,
+    )
+    stop = threading.Event()
+    collections = 0
+
+    def collect() -> None:
+        nonlocal collections
+        while not stop.is_set():
+            otel.reader.get_metrics_data()
+            collections += 1
+
+    cfg = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+    async with saver:
+        collector = threading.Thread(target=collect)
+        collector.start()
+        try:
+            for _ in range(700):  # > 2 bursts of 256
+                await saver.aget_tuple(cfg)
+        finally:
+            stop.set()
+            collector.join()
+        await saver.aget_tuple(cfg)
+        assert otel.count(names.OPERATION_DURATION, **{names.DB_OPERATION_NAME: "get_tuple"}) == 701
+    assert collections > 1
+
+
+@pytest.mark.anyio
 async def test_restart_after_injected_crash_increments_the_restart_counter(otel: Otel) -> None:
     saver, _ = saver_on(otel)
     async with saver:
