@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--rounds", "--telemetry-rounds", dest="rounds", type=_positive_int, metavar="N",
                      help="latency-hiding and telemetry: interleaved rounds of every variant, the order reversed "
                      "every other round; each ratio is the median of the rounds' own ratios (default: "
-                     f"{reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry)")
+                     f"{reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry); "
+                     "run (with the baselines): ours and InMemorySaver N-1 more times, the InMemorySaver ratio "
+                     f"their median (default: 1; {reports.DEFAULT_COMPARE_ROUNDS} in the acceptance's raw and graph sections)")
     rep.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                      help="acceptance: run each section in a fresh Python process (clean RSS figures)")
     rep.add_argument("--strict", action="store_true", help="acceptance: exit 1 when a target is missed")
@@ -517,7 +519,7 @@ def format_acceptance(res: dict[str, Any]) -> list[str]:
 async def _run_report(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: Any, out: TextIO, err: TextIO) -> dict[str, Any]:
     kind = args.report
     if kind == "run":
-        return await reports.report_run(cfg, on_event)
+        return await reports.report_run(cfg, on_event, rounds=args.rounds or 1)
     if kind == "sweep":
         grids = dict(args.sweep_param) or None
         return await reports.report_sweep(cfg, on_event, grids=grids, mode=args.sweep_mode, slack=args.sweep_slack,

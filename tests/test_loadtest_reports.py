@@ -269,6 +269,30 @@ def test_scale_report_reports_both_sizes() -> None:
     assert "GC " in res["checks"][0]["note"] and "full collections" in res["checks"][0]["note"]
 
 
+def test_run_with_rounds_judges_in_memory_saver_on_the_median_of_paired_ratios() -> None:
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--rounds", "3", "-q"])
+    assert code == 0, text
+    assert set(res["results"]) == {"kusto", "memory", "sqlite"}  # the tables: round 1, every baseline
+    rounds = res["rounds"]
+    assert sorted(rounds) == ["round 1", "round 2", "round 3"]
+    for r in rounds.values():
+        assert set(r["results"]) == {"kusto", "memory"}
+    # the later rounds alternate which saver goes first; round 1 ran ours first
+    assert [next(iter(r["results"])) for r in rounds.values()] == ["kusto", "memory", "kusto"]
+    by_name = {c["name"]: c for c in res["checks"]}
+    mem = by_name["raw: ours vs InMemorySaver checkpoints/s"]
+    per_round = [r["results"]["kusto"]["checkpoints_per_s"] / r["results"]["memory"]["checkpoints_per_s"]
+                 for r in rounds.values()]
+    assert mem["ratio"] == pytest.approx(statistics.median(per_round))
+    assert mem["base"]["value"] == pytest.approx(
+        statistics.median(r["results"]["memory"]["checkpoints_per_s"] for r in rounds.values()))
+    assert "median of 3 interleaved rounds' ratios" in mem["note"]
+    # the SQLite baseline ran once: its ratio is round 1's
+    sq = by_name["raw: ours vs AsyncSqliteSaver checkpoints/s"]
+    assert sq["ratio"] == pytest.approx(res["results"]["kusto"]["checkpoints_per_s"] / res["results"]["sqlite"]["checkpoints_per_s"])
+    assert res["passed"] is True
+
+
 def test_acceptance_runs_every_section_in_its_own_process(tmp_path) -> None:
     js, png = str(tmp_path / "a.json"), str(tmp_path / "a.png")
     code, res, text, _ = _run(
