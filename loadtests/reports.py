@@ -641,7 +641,8 @@ def section_argv(name: str, base_argv: Sequence[str]) -> list[str]:
     """The command-line arguments that run one acceptance section on its own."""
     argv = list(base_argv)
     if name in ("raw", "graph"):
-        return [*argv, "--report", "run", "--workload", name]
+        rounds = [] if "--rounds" in argv else ["--rounds", str(DEFAULT_COMPARE_ROUNDS)]
+        return [*argv, "--report", "run", "--workload", name, *rounds]
     workload = {"latency-hiding": "graph", "scale": "raw", "memory-bound": "raw", "telemetry": "raw", "durability": "raw"}[name]
     return [*argv, "--report", name, "--workload", workload]
 

@@ -309,6 +309,10 @@ def test_acceptance_runs_every_section_in_its_own_process(tmp_path) -> None:
         assert {"name", "ratio", "target", "passed", "ours", "base"} <= set(c)
     judged = [c for c in data["checks"] if c["passed"] is not None]
     assert data["checks_passed"] + data["checks_failed"] == len(judged) >= 8
+    # the raw and graph sections judge InMemorySaver over rounds, in their own processes too
+    for c in data["checks"]:
+        if c["section"] in ("raw", "graph") and "InMemorySaver" in c["name"]:
+            assert f"median of {reports.DEFAULT_COMPARE_ROUNDS} interleaved rounds' ratios" in c["note"], c
     assert data["verified"] is True
     assert "ACCEPTANCE:" in text and "targets met" in text and "#### section scale" in text
     _assert_png(png)
