@@ -111,24 +111,14 @@ async def report_run(cfg: LoadTestConfig, on_event: OnEvent = None, *, rounds: i
     run = await runner.run_targets(cfg, None, on_event)
     out = {**run, "report": "run"}
     if cfg.compare and rounds > 1:
-        later = await _rounds_against_memory(cfg, rounds - 1, on_event)
+        # InMemorySaver first in the first of them: the opposite of the full run before
+        pair = lambda wd: [KustoTarget(cfg, wd), runner.MemoryTarget(cfg, wd)]  # noqa: E731
+        later = await interleaved_rounds(replace(cfg, warmup=False), pair, rounds - 1, on_event, reverse_first=True)
         out["rounds"] = {"round 1": {"results": {k: run["results"][k] for k in ("kusto", "memory") if k in run["results"]}},
                          **{f"round {n}": r for n, r in enumerate(later.values(), start=2)}}
         out["passed"] = run["passed"] and all(r["passed"] for r in later.values())
     out["checks"] = compare_checks(out) if cfg.compare else []
     return out
-
-
-async def _rounds_against_memory(cfg: LoadTestConfig, rounds: int, on_event: OnEvent) -> dict[str, dict[str, Any]]:
-    """``rounds`` more runs of ours and InMemorySaver, InMemorySaver first in the first
-    of them (the opposite of the full run before it), then alternating."""
-    runs = {}
-    for n in range(1, rounds + 1):
-        def targets(workdir: str, n: int = n) -> list[Target]:
-            pair: list[Target] = [KustoTarget(cfg, workdir), runner.MemoryTarget(cfg, workdir)]
-            return pair[::-1] if n % 2 else pair
-        runs[f"round {n}"] = await runner.run_targets(replace(cfg, warmup=False), targets, on_event)
-    return runs
 
 
 def compare_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -202,18 +192,26 @@ async def report_latency_hiding(
 
 
 async def interleaved_rounds(
-    cfg: LoadTestConfig, variants: Sequence[Variant], rounds: int, on_event: OnEvent = None
+    cfg: LoadTestConfig, targets: Sequence[Variant] | Callable[[str], list[Target]], rounds: int,
+    on_event: OnEvent = None, *, reverse_first: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """``rounds`` runs of every variant, one after another in one process, the order
-    reversed every other round: the machine's other load drifts over a run, and a
-    drift moves both sides of a round alike. Keys ``"round 1"``, ``"round 2"``..."""
+    """``rounds`` runs of every target (our saver's variants, or a function of the work
+    directory giving the targets), one after another in one process, the order
+    reversed every other round (from the first one with ``reverse_first``): the
+    machine's other load drifts over a run, and a drift moves both sides of a round
+    alike. Keys ``"round 1"``, ``"round 2"``..."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
+    make = targets if callable(targets) else _variant_targets(cfg, targets)
     runs = {}
     for n in range(1, rounds + 1):
-        order = list(variants) if n % 2 else list(variants)[::-1]
-        runs[f"round {n}"] = await runner.run_targets(replace(cfg, warmup=cfg.warmup and n == 1),
-                                                      _variant_targets(cfg, order), on_event)
+        reverse = (n % 2 == 0) != reverse_first
+
+        def ordered(workdir: str, reverse: bool = reverse) -> list[Target]:
+            made = make(workdir)
+            return made[::-1] if reverse else made
+
+        runs[f"round {n}"] = await runner.run_targets(replace(cfg, warmup=cfg.warmup and n == 1), ordered, on_event)
     return runs
 
 

@@ -89,9 +89,6 @@ class _Deferred:
                 return
             record(value, attributes)
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
 
 class _MeterInstruments:
     """The instruments of one MeterProvider, shared by every engine that records into it."""
