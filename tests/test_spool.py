@@ -130,7 +130,10 @@ async def test_one_spool_directory_serves_one_engine(tmp_path: Any) -> None:
 
 async def test_concurrent_puts_share_fsyncs_and_a_clean_close_empties_the_spool(tmp_path: Any) -> None:
     path = str(tmp_path / "g.duckdb")
-    async with AsyncKustoSaver.embedded(path, durability="spool", spool_segment_bytes=64 * 1024, **FAST) as saver:
+    # small segments: a put ingested before its group is written is skipped, so how many
+    # bytes reach the spool depends on how fast ingestion runs (313 KB of 1000 records seen)
+    segment = 16 * 1024
+    async with AsyncKustoSaver.embedded(path, durability="spool", spool_segment_bytes=segment, **FAST) as saver:
         async with anyio.create_task_group() as tg:
             for i in range(100):
                 tg.start_soon(put_chain, saver, f"t{i}", 5, True)
@@ -144,7 +147,7 @@ async def test_concurrent_puts_share_fsyncs_and_a_clean_close_empties_the_spool(
         st = saver.engine.stats()
         assert st["spool_records"] == 0
         assert st["spool_segments"] <= 1 and len(segment_files(path + ".spool")) <= 1
-        assert st["spool_bytes_written"] > 5 * 64 * 1024  # so several segments were sealed
+        assert st["spool_bytes_written"] > 5 * segment  # so several segments were sealed
     assert not os.path.exists(path + ".spool")
     async with AsyncKustoSaver.embedded(path, **FAST) as saver:
         for i in range(0, 100, 9):
