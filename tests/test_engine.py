@@ -774,6 +774,27 @@ async def test_embedded_store_sets_duckdb_checkpoint_threshold(tmp_path: Any) ->
             EmbeddedBackend(":memory:", checkpoint_threshold=bad)  # type: ignore[arg-type]
 
 
+async def test_embedded_store_keeps_payloads_of_every_size_byte_for_byte(tmp_path: Any) -> None:
+    # payloads reach DuckDB as an Arrow binary-view array over the bytes themselves:
+    # up to 12 bytes inline in the view, longer ones as buffers of their own
+    backend = EmbeddedBackend(str(tmp_path / "p.duckdb"))
+    await backend.open()
+    rng = random.Random(11)
+    sizes = [0, 1, 4, 11, 12, 13, 16, 1000, 70_000]
+    payloads = [rng.randbytes(n) for n in sizes] + [b"\x00" * 12, b"\x00" * 13]
+    rows = [
+        {"thread_id": f"t{i}", "checkpoint_ns": "", "channel": "c", "version": "1", "payload_type": "bytes",
+         "payload": p, "chunk": 0, "chunks": 1, "written_at": i}
+        for i, p in enumerate(payloads)
+    ]
+    try:
+        await backend.ingest("CheckpointBlobs", rows)
+        got = backend._cursor().execute('SELECT thread_id, payload FROM "CheckpointBlobs"').fetchall()
+    finally:
+        await backend.close()
+    assert {tid: bytes(p) for tid, p in got} == {f"t{i}": p for i, p in enumerate(payloads)}
+
+
 def test_payload_base64_round_trips_and_tolerates_line_breaks() -> None:
     import base64
 
