@@ -795,6 +795,29 @@ async def test_embedded_store_keeps_payloads_of_every_size_byte_for_byte(tmp_pat
     assert {tid: bytes(p) for tid, p in got} == {f"t{i}": p for i, p in enumerate(payloads)}
 
 
+@pytest.mark.parametrize("compress", [False, True])
+async def test_embedded_store_compresses_payloads_only_when_asked(tmp_path: Any, compress: bool) -> None:
+    backend = EmbeddedBackend(str(tmp_path / "c.duckdb"), compress_payloads=compress)
+    await backend.open()
+    rows = [
+        {"thread_id": f"t{i}", "checkpoint_ns": "", "channel": "c", "version": "1", "payload_type": "bytes",
+         "payload": b"the same text again " * 50, "chunk": 0, "chunks": 1, "written_at": i}
+        for i in range(2000)
+    ]
+    try:
+        await backend.ingest("CheckpointBlobs", rows)
+        cur = backend._cursor()
+        cur.execute("CHECKPOINT")
+        kinds = {k for (k,) in cur.execute(
+            "SELECT DISTINCT compression FROM pragma_storage_info('CheckpointBlobs') WHERE column_name = 'payload' AND segment_type <> 'VALIDITY'"
+        ).fetchall()}
+        stored = cur.execute('SELECT count(*) FROM "CheckpointBlobs" WHERE payload = ?', [rows[0]["payload"]]).fetchone()[0]
+    finally:
+        await backend.close()
+    assert stored == 2000
+    assert (kinds == {"Uncompressed"}) is not compress, kinds
+
+
 def test_payload_base64_round_trips_and_tolerates_line_breaks() -> None:
     import base64
 
