@@ -23,7 +23,7 @@ from .actors.query_cache import Overlay, QueryCache
 from .backends.base import Backend
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError
-from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Read, ReadSpec
+from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec
 from .records import Bundle, Record
 from .runtime import Runtime
 from .spool import EMPTY_STATS, Spool, spool_dir_for
@@ -200,9 +200,9 @@ class Engine:
         both or to neither, and no reply is awaited. A read sent afterwards reaches
         the cache's FIFO behind the ``Accept``: read-your-writes holds.
         A put that finds no room (backpressure) waits in the admission queue
-        (:class:`~.mailbox.Admission`), in arrival order, until there is room, and
-        then takes the fast path itself; while anyone waits there, later puts queue
-        behind them. With durability="spool" a put instead goes through the batcher,
+        (:class:`~.mailbox.Admission`), in arrival order, until there is room; whoever
+        makes the room hands it over the fast way on its behalf, then wakes it; while
+        anyone waits there, later puts queue behind them. With durability="spool" a put instead goes through the batcher,
         which admits it to the spool, and waits for the cache's reply and the fsync
         (that engine takes no fast-path put: nothing else is queued ahead of it).
         """
@@ -210,8 +210,6 @@ class Engine:
         cfg = rt.config
         ingested = rt.reply() if cfg.durability == "ingested" else None
         batcher = rt.mailboxes["batcher"]
-        cache = rt.mailboxes["cache"]
-        b: BatcherState = self._states["batcher"]
         try:
             with anyio.fail_after(cfg.put_timeout) if cfg.put_timeout is not None else _NO_TIMEOUT:
                 msg = make_put(rt, records, None, ticket_reply=ingested)
@@ -219,22 +217,16 @@ class Engine:
                 if rt.spool is None:
                     if rt.admission or not self._room(nbytes):
                         started = time.perf_counter()
-                        # a method and an int, no closure: thousands of puts may wait
-                        # here at once, and each object they hold is the GC's to walk
-                        await rt.admission.wait(self._room, nbytes)
-                        waited = time.perf_counter() - started
-                        rt.puts_waited += 1
-                        rt.put_wait_s += waited
-                        inst = self.instruments
-                        inst.backpressure_wait.record(waited, inst.bound(names.DB_OPERATION_NAME, operation))
-                    # no yield since room() held: both sends succeed (or both raise, closed)
-                    if batcher.closed or cache.closed:
-                        self._check()
-                        raise EngineClosedError("the saver is closing or closed")
-                    msg.accepted = msg.queued = True
-                    b.queued_bytes += nbytes
-                    cache.send_nowait(Accept(records, None, msg.update_views))
-                    batcher.send_nowait(msg)
+                        # bound methods and the message, no closure: thousands of puts may
+                        # wait here at once, and each object they hold is the GC's to walk
+                        if await rt.admission.wait(self._room_for, self._hand_over, msg):
+                            waited = time.perf_counter() - started
+                            rt.puts_waited += 1
+                            rt.put_wait_s += waited
+                            inst = self.instruments
+                            inst.backpressure_wait.record(waited, inst.bound(names.DB_OPERATION_NAME, operation))
+                    else:
+                        self._hand_over(msg)
                 else:
                     msg.reply = rt.reply()
                     started = time.perf_counter()
@@ -260,6 +252,24 @@ class Engine:
                 f"{operation} was not {waited_for} within put_timeout={cfg.put_timeout}s "
                 f"(durability={cfg.durability!r}; the backend is slow or stalled, or the engine's buffers are full)"
             ) from None
+
+    def _hand_over(self, msg: Put) -> None:
+        """The fast path, once ``_room`` holds (no yield since): the put's records to the
+        query cache and the put to the batcher; both sends succeed, or both raise (closed)."""
+        rt = self.runtime
+        assert rt is not None
+        batcher = rt.mailboxes["batcher"]
+        cache = rt.mailboxes["cache"]
+        if batcher.closed or cache.closed:
+            self._check()
+            raise EngineClosedError("the saver is closing or closed")
+        msg.accepted = msg.queued = True
+        self._states["batcher"].queued_bytes += msg.nbytes
+        cache.send_nowait(Accept(msg.records, None, msg.update_views))
+        batcher.send_nowait(msg)
+
+    def _room_for(self, msg: Put) -> bool:
+        return self._room(msg.nbytes)
 
     def _room(self, nbytes: int) -> bool:
         """Whether a put of ``nbytes`` can take the fast path now (or the engine is

@@ -137,8 +137,9 @@ async def test_close_receive_fails_blocked_senders() -> None:
 
 
 async def test_a_busy_reader_yields_to_other_tasks() -> None:
-    box = Mailbox("t", 1000)
-    for i in range(500):
+    n = 3 * Mailbox.YIELD_EVERY + 10
+    box = Mailbox("t", n)
+    for i in range(n):
         box.send_nowait(i)
     ticks = 0
 
@@ -152,9 +153,9 @@ async def test_a_busy_reader_yields_to_other_tasks() -> None:
         tg.start_soon(other)
         await anyio.sleep(0)
         start = ticks
-        for _ in range(500):
+        for _ in range(n):
             await box.receive()
-        assert ticks - start >= 500 // Mailbox.YIELD_EVERY - 1
+        assert ticks - start >= 3
         tg.cancel_scope.cancel()
 
 
@@ -167,10 +168,12 @@ async def test_admission_admits_in_arrival_order_as_room_appears() -> None:
     box.on_room = gate.poke
     admitted: list[int] = []
 
-    async def put(i: int) -> None:
-        await gate.wait(box.has_room)
+    def admit(i: int) -> None:
         box.send_nowait(i)  # no yield since the room check: it cannot fail
         admitted.append(i)
+
+    async def put(i: int) -> None:
+        await gate.wait(lambda _i: box.has_room(), admit, i)
 
     box.send_nowait(-2)
     box.send_nowait(-1)
@@ -186,6 +189,40 @@ async def test_admission_admits_in_arrival_order_as_room_appears() -> None:
     assert admitted == [0, 1, 2, 3, 4] and len(gate) == 0
 
 
+async def test_admission_one_poke_admits_every_waiter_there_is_room_for() -> None:
+    # the poke runs each admitted waiter's admit itself: a queue of thousands drains
+    # as far as the room goes at once, not one waiter per pass of the event loop
+    gate = Admission()
+    room = [0]
+    admitted: list[int] = []
+    woke: list[int] = []
+
+    def admit(i: int) -> None:
+        room[0] -= 1
+        admitted.append(i)
+
+    async def put(i: int) -> None:
+        waited = await gate.wait(lambda _i: room[0] > 0, admit, i)
+        woke.append(i)
+        assert waited
+
+    async with anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(put, i)
+            await anyio.wait_all_tasks_blocked()
+        room[0] = 4
+        gate.poke()
+        assert admitted == [0, 1, 2, 3] and woke == [] and len(gate) == 2  # before any waiter ran
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(woke) == [0, 1, 2, 3]  # the order the backend resumes them in is its own
+        room[0] = 2
+        gate.poke()
+    assert admitted == sorted(woke) == [0, 1, 2, 3, 4, 5] and len(gate) == 0
+    # with nobody waiting and room there, a caller is admitted at once and does not wait
+    room[0] = 1
+    assert await gate.wait(lambda _i: room[0] > 0, admit, 6) is False and admitted[-1] == 6
+
+
 def full_box_with_a_gate() -> tuple[Mailbox, Admission]:
     """A full one-slot mailbox whose room wakes an admission queue."""
     box = Mailbox("t", 1)
@@ -199,11 +236,13 @@ async def test_admission_a_cancelled_waiter_passes_its_turn_on_and_leaves_nothin
     box, gate = full_box_with_a_gate()
     admitted: list[str] = []
 
+    def admit(name: str) -> None:
+        box.send_nowait(name)
+        admitted.append(name)
+
     async def put(name: str, scope: anyio.CancelScope | None = None) -> None:
         with scope or anyio.CancelScope():
-            await gate.wait(box.has_room)
-            box.send_nowait(name)
-            admitted.append(name)
+            await gate.wait(lambda _n: box.has_room(), admit, name)
 
     head, middle = anyio.CancelScope(), anyio.CancelScope()
     async with anyio.create_task_group() as tg:
@@ -230,10 +269,9 @@ async def test_admission_wakes_waiters_when_the_mailbox_closes() -> None:
     errors: list[BaseException] = []
 
     async def put() -> None:
-        await gate.wait(lambda: box.has_room() or box.closed)
         try:
-            box.send_nowait("x")
-        except EngineClosedError as exc:
+            await gate.wait(lambda: box.has_room() or box.closed, lambda: box.send_nowait("x"))
+        except EngineClosedError as exc:  # raised by the send, in the waiter
             errors.append(exc)
 
     with anyio.fail_after(5):
