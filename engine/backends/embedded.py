@@ -46,10 +46,15 @@ def _duck_type(column: str, kind: str) -> str:
     return "BLOB" if column in BINARY_COLUMNS else _DUCK_TYPES[kind]
 
 
-def _column_def(column: str, kind: str, compress_payloads: bool) -> str:
+#: how the payload columns may be stored: DuckDB's ``USING COMPRESSION`` method, or
+#: "auto" (none given: DuckDB analyses every method it has at each checkpoint)
+PAYLOAD_COMPRESSIONS = ("zstd", "uncompressed", "auto")
+
+
+def _column_def(column: str, kind: str, payload_compression: str) -> str:
     sql = f'"{column}" {_duck_type(column, kind)}'
-    if column in BINARY_COLUMNS and not compress_payloads:
-        sql += " USING COMPRESSION uncompressed"
+    if column in BINARY_COLUMNS and payload_compression != "auto":
+        sql += f" USING COMPRESSION {payload_compression}"
     return sql
 
 
@@ -76,24 +81,28 @@ class EmbeddedBackend:
         *,
         threads: int = 4,
         checkpoint_threshold: str = "256MB",
-        compress_payloads: bool = False,
+        payload_compression: str = "zstd",
     ) -> None:
         """``threads``: worker threads for DuckDB calls. ``checkpoint_threshold``: DuckDB's
         WAL size that triggers a checkpoint; DuckDB's 16MB default makes it rewrite
         and compress so often that ingesting large checkpoints runs at half speed
         (measured: 57 vs 105 MB/s of payload); a crash replays at most this much WAL.
-        ``compress_payloads``: let DuckDB compress the payload columns of tables this
-        store creates. Off by default: a checkpoint that compresses them is CPU-bound
-        and blocks every append while it runs (raw workload, 3,000 agents x 10 steps:
-        10.2 s against 0.4 s uncompressed, for a file of 135 against 218 MB; at
-        5,000 agents one such checkpoint stalled ingestion for 9 s mid-run). Tables
-        that already exist keep the setting they were created with."""
+        ``payload_compression``: how the tables this store creates keep their payload
+        columns: "zstd" (the default), "uncompressed", or "auto" (DuckDB's choice, its
+        own default). A DuckDB checkpoint blocks every append while it runs, and with
+        "auto" it tries each method on every payload segment: raw workload, 3,000 agents
+        x 10 steps, checkpoint 10.2 s "auto" (file 135 MB), 0.4 s "uncompressed"
+        (218 MB), 0.4 s "zstd" (14 MB); 5,000 x 20 steps: 1,151 / 1,809 / 1,765
+        steps/s, peak RSS 2,253 / 3,298 / 1,964 MB, file 515 / 2,610 / 146 MB. Tables
+        that already exist keep the method they were created with."""
         if not isinstance(path, str) or not path:
             raise ValueError(f"path must be a DuckDB file path or ':memory:', got {path!r}")
         if not isinstance(checkpoint_threshold, str) or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", checkpoint_threshold):
             raise ValueError(f"checkpoint_threshold must be a size like '256MB', got {checkpoint_threshold!r}")
         self.checkpoint_threshold = checkpoint_threshold
-        self.compress_payloads = bool(compress_payloads)
+        if payload_compression not in PAYLOAD_COMPRESSIONS:
+            raise ValueError(f"payload_compression must be one of {PAYLOAD_COMPRESSIONS}, got {payload_compression!r}")
+        self.payload_compression = payload_compression
         self.path = path
         self.database = "memory" if path == ":memory:" else path
         self._con: duckdb.DuckDBPyConnection | None = None
@@ -120,14 +129,14 @@ class EmbeddedBackend:
         con.execute(f"SET checkpoint_threshold = '{self.checkpoint_threshold}'")
         con.execute("SET python_enable_replacements = true")  # _append finds its Arrow table by name
         for table in TABLES:
-            cols = ", ".join(_column_def(c, k, self.compress_payloads) for c, k in table.columns)
+            cols = ", ".join(_column_def(c, k, self.payload_compression) for c, k in table.columns)
             con.execute(f'CREATE TABLE IF NOT EXISTS "{table.name}" ({cols})')
             existing = dict(con.execute(
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?", [table.name]
             ).fetchall())
             for c, k in table.columns:
                 if c not in existing:
-                    con.execute(f'ALTER TABLE "{table.name}" ADD COLUMN {_column_def(c, k, self.compress_payloads)}')
+                    con.execute(f'ALTER TABLE "{table.name}" ADD COLUMN {_column_def(c, k, self.payload_compression)}')
                 elif c in BINARY_COLUMNS and existing[c] == "VARCHAR":
                     self._migrate_payload(con, table.name, c)
         self._schema = {t.name: list(t.column_names) for t in TABLES}
