@@ -223,6 +223,33 @@ async def test_admission_one_poke_admits_every_waiter_there_is_room_for() -> Non
     assert await gate.wait(lambda _i: room[0] > 0, admit, 6) is False and admitted[-1] == 6
 
 
+async def test_admission_a_waiter_cancelled_after_its_admit_ran_stays_admitted() -> None:
+    gate = Admission()
+    room = [0]
+    admitted: list[str] = []
+    finished: list[str] = []
+
+    async def put(name: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await gate.wait(lambda _n: room[0] > 0, lambda n: (admitted.append(n), room.__setitem__(0, room[0] - 1)), name)
+            finished.append(name)
+
+    first, second = anyio.CancelScope(), anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(put, "first", first)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(put, "second", second)
+        await anyio.wait_all_tasks_blocked()
+        room[0] = 1
+        gate.poke()  # admits "first" only: its admit ran, it has not resumed yet
+        first.cancel()
+        second.cancel()  # still queued: leaves nothing behind
+        await anyio.wait_all_tasks_blocked()
+    # "first" was admitted whole (it may still see its wait return: the wake came first);
+    # "second" was not, and nothing is left queued
+    assert admitted == ["first"] and "second" not in finished and len(gate) == 0 and room[0] == 0
+
+
 def full_box_with_a_gate() -> tuple[Mailbox, Admission]:
     """A full one-slot mailbox whose room wakes an admission queue."""
     box = Mailbox("t", 1)
