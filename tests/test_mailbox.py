@@ -3,6 +3,8 @@ cancellation, closing, and the room check the put fast path relies on."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -137,7 +139,7 @@ async def test_close_receive_fails_blocked_senders() -> None:
 
 
 async def test_a_busy_reader_yields_to_other_tasks() -> None:
-    n = 3 * Mailbox.YIELD_EVERY + 10
+    n = 5 * Mailbox.YIELD_EVERY + 10
     box = Mailbox("t", n)
     for i in range(n):
         box.send_nowait(i)
@@ -155,11 +157,18 @@ async def test_a_busy_reader_yields_to_other_tasks() -> None:
         start = ticks
         for _ in range(n):
             await box.receive()
-        assert ticks - start >= 3
+        assert ticks - start >= n // Mailbox.YIELD_EVERY - 1
         tg.cancel_scope.cancel()
 
 
 # -- the admission queue (Engine.put waits there for room, then takes the fast path) --
+
+
+async def queue_up(tg: Any, put: Any, *calls: tuple[Any, ...]) -> None:
+    """Start one waiter per ``calls`` entry, each queued behind the one before."""
+    for args in calls:
+        tg.start_soon(put, *args)
+        await anyio.wait_all_tasks_blocked()
 
 
 async def test_admission_admits_in_arrival_order_as_room_appears() -> None:
@@ -236,10 +245,7 @@ async def test_admission_a_waiter_cancelled_after_its_admit_ran_stays_admitted()
 
     first, second = anyio.CancelScope(), anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(put, "first", first)
-        await anyio.wait_all_tasks_blocked()
-        tg.start_soon(put, "second", second)
-        await anyio.wait_all_tasks_blocked()
+        await queue_up(tg, put, ("first", first), ("second", second))
         room[0] = 1
         gate.poke()  # admits "first" only: its admit ran, it has not resumed yet
         first.cancel()
@@ -273,12 +279,7 @@ async def test_admission_a_cancelled_waiter_passes_its_turn_on_and_leaves_nothin
 
     head, middle = anyio.CancelScope(), anyio.CancelScope()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(put, "head", head)
-        await anyio.wait_all_tasks_blocked()
-        tg.start_soon(put, "middle", middle)
-        await anyio.wait_all_tasks_blocked()
-        tg.start_soon(put, "last")
-        await anyio.wait_all_tasks_blocked()
+        await queue_up(tg, put, ("head", head), ("middle", middle), ("last",))
         middle.cancel()
         await anyio.wait_all_tasks_blocked()
         assert len(gate) == 2
