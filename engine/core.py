@@ -202,9 +202,10 @@ class Engine:
         A put that finds no room (backpressure) waits in the admission queue
         (:class:`~.mailbox.Admission`), in arrival order, until there is room; whoever
         makes the room hands it over the fast way on its behalf, then wakes it; while
-        anyone waits there, later puts queue behind them. With durability="spool" a put instead goes through the batcher,
-        which admits it to the spool, and waits for the cache's reply and the fsync
-        (that engine takes no fast-path put: nothing else is queued ahead of it).
+        anyone waits there, later puts queue behind them. With durability="spool" a
+        put instead goes through the batcher, which admits it to the spool, and waits
+        for the cache's reply and the fsync (that engine takes no fast-path put:
+        nothing else is queued ahead of it).
         """
         rt = self._check()
         cfg = rt.config

@@ -272,10 +272,10 @@ class Admission:
     waits, new puts queue behind them, so nobody is overtaken and the bound is never
     exceeded.
 
-    Admitting in the poke, not in the woken task, is what keeps a long queue moving:
-    a waiter that had to run first to take its own turn and then wake the next one
-    let one put through per pass of the event loop, and with thousands of agents
-    the queue never emptied (5,000 agents: 99% of puts waited).
+    Admitting in the poke, not in the woken task, keeps a long queue moving: a waiter
+    that had to run first to take its turn and then wake the next one let one put
+    through per pass of the event loop (5,000 agents x 10 raw steps, readers yielding
+    every 1,024 messages: 2,209 steps/s that way, 2,615 admitting in the poke).
     """
 
     __slots__ = ("_waiters", "_new_event")
