@@ -15,7 +15,7 @@ from typing import Any
 
 from ..telemetry.instruments import capture
 from .mailbox import Message, Reply
-from .records import Record
+from .records import Record, Rows
 
 
 class Ticket:
@@ -94,9 +94,9 @@ class Batch:
     #: the traced puts whose rows this batch carries (telemetry.Links), for span links
     links: Any = None
 
-    def materialize(self, cell_limit: int) -> list[dict[str, Any]]:
-        """The backend's rows (one dict per row, see ``engine.backends.base``)."""
-        return [rec.row(part, cell_limit) for rec, part, _ in self.refs]
+    def materialize(self, cell_limit: int) -> Rows:
+        """The backend's rows (dicts, see ``engine.backends.base``), built as they are read."""
+        return Rows(self.refs, cell_limit)
 
     def seqs(self) -> list[int]:
         """The acceptance sequence number of each row's record (the cache counts rows per record)."""

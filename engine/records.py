@@ -21,9 +21,11 @@ from __future__ import annotations
 import binascii
 import datetime as dt
 import itertools
+import operator
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import orjson
 import pybase64
@@ -328,6 +330,56 @@ class TombstoneRec:
 
 
 Record = CheckpointRec | BlobRec | WriteRec | TombstoneRec
+
+
+class Rows(Sequence[dict[str, Any]]):
+    """The rows of one batch, ``(record, part, size)`` references, as a backend reads them.
+
+    A sequence of row dicts (``record.row(part)``), built when asked for, one at a
+    time; and :meth:`column`, one column's values read straight off the records, for a
+    backend that appends column by column (the embedded store's Arrow tables). Building
+    a dict per row first took 7-18 us of event-loop CPU per raw step (3 rows) on top of
+    the columns themselves.
+    """
+
+    __slots__ = ("refs", "cell_limit")
+
+    def __init__(self, refs: list[tuple[Record, int, int]], cell_limit: int) -> None:
+        self.refs = refs
+        self.cell_limit = cell_limit
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [rec.row(part, self.cell_limit) for rec, part, _ in self.refs[i]]
+        rec, part, _ = self.refs[i]
+        return rec.row(part, self.cell_limit)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cell = self.cell_limit
+        for rec, part, _ in self.refs:
+            yield rec.row(part, cell)
+
+    def column(self, name: str) -> list[Any]:
+        """``[row[name] for row in self]``, without the rows."""
+        refs = self.refs
+        cell = self.cell_limit
+        if name == "payload":
+            return [_part(rec.payload, part, cell) for rec, part, _ in refs]  # type: ignore[union-attr]
+        if name == "chunk":
+            return [part for _, part, _ in refs]
+        if name == "chunks":
+            return [_parts(rec.payload, cell) for rec, _, _ in refs]  # type: ignore[union-attr]
+        if name == "metadata":
+            return [JsonText(rec.metadata_json) for rec, _, _ in refs]  # type: ignore[union-attr]
+        get = operator.attrgetter(name)
+        return [get(rec) for rec, _, _ in refs]
 
 
 @dataclass(slots=True)

@@ -115,11 +115,18 @@ class RecordingBackend:
         now_us = time.time_ns() // 1000
         nbytes = 0
         lag = self.lag
-        for row in rows:
-            p = row.get("payload")
+        column = getattr(rows, "column", None)  # the engine's Rows: no dict per row
+        if column is not None:  # tombstone rows have neither column
+            tomb = table == "Tombstones"
+            payloads = [] if tomb else column("payload")
+            written = [] if tomb else column("written_at")
+        else:
+            payloads = [row.get("payload") for row in rows]
+            written = [row.get("written_at") for row in rows]
+        for p in payloads:
             if isinstance(p, (str, bytes)):
                 nbytes += len(p)
-            w = row.get("written_at")
+        for w in written:
             if isinstance(w, int):
                 lag.append(max(0, now_us - w) / 1e6)
             elif w is not None and hasattr(w, "timestamp"):

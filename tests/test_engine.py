@@ -823,6 +823,30 @@ async def test_embedded_store_keeps_payloads_with_the_compression_asked_for(tmp_
         EmbeddedBackend(":memory:", payload_compression="lz4")
 
 
+def test_batch_rows_read_by_column_match_the_row_dicts() -> None:
+    # the embedded store reads a batch column by column (Rows.column); every other
+    # reader iterates row dicts: both must see the same values, chunked payloads included
+    from langgraph.checkpoint.kusto.engine.records import BlobRec, CheckpointRec, Rows, TombstoneRec, WriteRec
+    from langgraph.checkpoint.kusto.engine.schema import TABLES_BY_NAME
+
+    rng = random.Random(3)
+    cell = 40  # 30 payload bytes per row
+    records = {
+        "Checkpoints": [CheckpointRec("t", "", "c1", "c0", "r", {"a": "1"}, {"a": "1"}, b'{"x":1}', "msgpack", rng.randbytes(20), 5, 1)],
+        "CheckpointBlobs": [BlobRec("t", "", "a", str(n), "msgpack", rng.randbytes(n), 6, 2) for n in (0, 5, 29, 30, 31, 95)],
+        "CheckpointWrites": [WriteRec("t", "", "c1", "task", "", i, "a", "msgpack", rng.randbytes(n), 7, 3) for i, n in enumerate((0, 100))],
+        "Tombstones": [TombstoneRec("thread", "t", "", "", "", 9, 4)],
+    }
+    for table, recs in records.items():
+        refs = [(r, part, 0) for r in recs for part in range(r.parts(cell))]
+        rows = Rows(refs, cell)
+        dicts = [r.row(part, cell) for r, part, _ in refs]
+        assert list(rows) == dicts and rows[0] == dicts[0] and rows[1:] == dicts[1:] and len(rows) == len(dicts)
+        for col in TABLES_BY_NAME[table].column_names:
+            assert rows.column(col) == [d[col] for d in dicts], (table, col)
+    assert len(Rows([(r, p, 0) for r in records["CheckpointBlobs"] for p in range(r.parts(cell))], cell)) == 1 + 1 + 1 + 1 + 2 + 4
+
+
 def test_payload_base64_round_trips_and_tolerates_line_breaks() -> None:
     import base64
 

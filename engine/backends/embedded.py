@@ -293,8 +293,9 @@ class EmbeddedBackend:
 
 def _to_arrow(spec: Table, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     arrays = []
+    column = getattr(rows, "column", None)  # a batch's Rows: read off its records
     for col, kind in spec.columns:
-        values = [r.get(col) for r in rows]
+        values = column(col) if column is not None else [r.get(col) for r in rows]
         if col in BINARY_COLUMNS:
             arrays.append(_binary_view(values))
             continue
