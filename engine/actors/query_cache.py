@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ...telemetry import names
@@ -36,6 +38,9 @@ from ..reads import checkpoint_from_row, values_from_rows
 from ..retry import retrying
 from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, WriteRec, newer_write, to_micros
 from ..schema import SCOPE_RUN
+
+
+_NO_BLOBS: Mapping[Any, BlobRec] = MappingProxyType({})
 
 
 @dataclass
@@ -64,12 +69,21 @@ class Overlay:
         self.by_seq[seq] = rec
         self.pending_rows[seq] = self.pending_rows.get(seq, 0) + nrows
         self.nbytes += rec.nbytes
+        # get, then create: setdefault would build (and drop) a dict for every record
         if isinstance(rec, CheckpointRec):
-            self.ck.setdefault(rec.thread_id, {})[(rec.checkpoint_ns, rec.checkpoint_id)] = rec
+            per_ck = self.ck.get(rec.thread_id)
+            if per_ck is None:
+                per_ck = self.ck[rec.thread_id] = {}
+            per_ck[(rec.checkpoint_ns, rec.checkpoint_id)] = rec
         elif isinstance(rec, BlobRec):
-            self.blobs.setdefault(rec.thread_id, {})[(rec.checkpoint_ns, rec.channel, rec.version)] = rec
+            per_blob = self.blobs.get(rec.thread_id)
+            if per_blob is None:
+                per_blob = self.blobs[rec.thread_id] = {}
+            per_blob[(rec.checkpoint_ns, rec.channel, rec.version)] = rec
         elif isinstance(rec, WriteRec):
-            per = self.writes.setdefault(rec.thread_id, {})
+            per = self.writes.get(rec.thread_id)
+            if per is None:
+                per = self.writes[rec.thread_id] = {}
             k = (rec.checkpoint_ns, rec.checkpoint_id, rec.task_id, rec.idx)
             old = per.get(k)
             per[k] = rec if old is None else newer_write(old, rec)
@@ -220,7 +234,7 @@ class QueryCache(Actor):
         if view.latest is not None and rec.checkpoint_id <= view.latest.checkpoint_id:
             return
         blobs: dict[tuple[str, str], BlobRec] = {}
-        ov_blobs = self.state.blobs.get(rec.thread_id, {})
+        ov_blobs = self.state.blobs.get(rec.thread_id) or _NO_BLOBS
         for ch, ver in rec.channel_versions.items():
             b = ov_blobs.get((rec.checkpoint_ns, ch, ver)) or view.blobs.get((ch, ver))
             if b is None:
@@ -228,8 +242,10 @@ class QueryCache(Actor):
                 del self.views[key]
                 return
             blobs[(ch, ver)] = b
-        writes = view.early.pop(rec.checkpoint_id, {})
-        view.early = {c: w for c, w in view.early.items() if c > rec.checkpoint_id}
+        writes: dict[tuple[str, int], WriteRec] = {}
+        if view.early:  # writes that came before their checkpoint: rare, so no dicts otherwise
+            writes = view.early.pop(rec.checkpoint_id, writes)
+            view.early = {c: w for c, w in view.early.items() if c > rec.checkpoint_id}
         view.latest, view.blobs, view.writes = rec, blobs, writes
         self.views.move_to_end(key)
 
