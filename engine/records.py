@@ -375,7 +375,8 @@ class Rows(Sequence[dict[str, Any]]):
         if name == "chunk":
             return [part for _, part, _ in refs]
         if name == "chunks":
-            return [_parts(rec.payload, cell) for rec, _, _ in refs]  # type: ignore[union-attr]
+            step = chunk_bytes(cell)
+            return [max(1, -(-len(rec.payload) // step)) for rec, _, _ in refs]  # type: ignore[union-attr]
         if name == "metadata":
             return [JsonText(rec.metadata_json) for rec, _, _ in refs]  # type: ignore[union-attr]
         get = operator.attrgetter(name)

@@ -329,6 +329,6 @@ def _binary_view(values: list[Any]) -> pa.Array:
         if len(v) <= 12:
             _VIEW_INLINE.pack_into(views, 16 * i, len(v), v)
         else:
-            _VIEW_REF.pack_into(views, 16 * i, len(v), v[:4], len(buffers), 0)
+            _VIEW_REF.pack_into(views, 16 * i, len(v), v, len(buffers), 0)  # "4s" takes the first 4 bytes
             buffers.append(pa.py_buffer(v))
     return pa.Array.from_buffers(pa.binary_view(), len(values), [None, pa.py_buffer(views), *buffers])
