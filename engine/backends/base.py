@@ -5,7 +5,10 @@ and :mod:`.kusto` (Azure Data Explorer through the azure-kusto SDKs).
 
 Rows are plain ``dict`` objects keyed by column name (see :mod:`..schema`):
 strings, ints, ``datetime`` (UTC, aware) and, for ``dynamic`` columns, plain
-JSON-compatible Python values. Query results use the same shape.
+JSON-compatible Python values. Query results use the same shape. The engine hands
+``ingest`` a :class:`~..records.Rows`: a sequence that builds each row dict as it
+is read, and whose ``column(name)`` gives one column's values without them (the
+embedded store appends column by column).
 
 Every value that comes from a user reaches the backend as a query parameter
 declared by the KQL text (``declare query_parameters(...)``), never spliced in.
