@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.schema import TABLES_BY_NAME
+
 #: percentiles reported for every latency distribution
 PERCENTILES = (50, 95, 99)
 #: saver methods timed on every saver (the ones the workloads call)
@@ -116,10 +118,10 @@ class RecordingBackend:
         nbytes = 0
         lag = self.lag
         column = getattr(rows, "column", None)  # the engine's Rows: no dict per row
-        if column is not None:  # tombstone rows have neither column
-            tomb = table == "Tombstones"
-            payloads = [] if tomb else column("payload")
-            written = [] if tomb else column("written_at")
+        if column is not None:
+            has = TABLES_BY_NAME[table].column_names  # tombstones have neither column
+            payloads = column("payload") if "payload" in has else []
+            written = column("written_at") if "written_at" in has else []
         else:
             payloads = [row.get("payload") for row in rows]
             written = [row.get("written_at") for row in rows]

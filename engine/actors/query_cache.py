@@ -43,6 +43,14 @@ from ..schema import SCOPE_RUN
 _NO_BLOBS: Mapping[Any, BlobRec] = MappingProxyType({})
 
 
+def _per_thread(index: dict[str, dict[Any, Any]], thread_id: str) -> dict[Any, Any]:
+    """``index.setdefault(thread_id, {})`` without building (and dropping) a dict per call."""
+    per = index.get(thread_id)
+    if per is None:
+        per = index[thread_id] = {}
+    return per
+
+
 @dataclass
 class Overlay:
     by_seq: dict[int, Record] = field(default_factory=dict)
@@ -69,21 +77,12 @@ class Overlay:
         self.by_seq[seq] = rec
         self.pending_rows[seq] = self.pending_rows.get(seq, 0) + nrows
         self.nbytes += rec.nbytes
-        # get, then create: setdefault would build (and drop) a dict for every record
         if isinstance(rec, CheckpointRec):
-            per_ck = self.ck.get(rec.thread_id)
-            if per_ck is None:
-                per_ck = self.ck[rec.thread_id] = {}
-            per_ck[(rec.checkpoint_ns, rec.checkpoint_id)] = rec
+            _per_thread(self.ck, rec.thread_id)[(rec.checkpoint_ns, rec.checkpoint_id)] = rec
         elif isinstance(rec, BlobRec):
-            per_blob = self.blobs.get(rec.thread_id)
-            if per_blob is None:
-                per_blob = self.blobs[rec.thread_id] = {}
-            per_blob[(rec.checkpoint_ns, rec.channel, rec.version)] = rec
+            _per_thread(self.blobs, rec.thread_id)[(rec.checkpoint_ns, rec.channel, rec.version)] = rec
         elif isinstance(rec, WriteRec):
-            per = self.writes.get(rec.thread_id)
-            if per is None:
-                per = self.writes[rec.thread_id] = {}
+            per = _per_thread(self.writes, rec.thread_id)
             k = (rec.checkpoint_ns, rec.checkpoint_id, rec.task_id, rec.idx)
             old = per.get(k)
             per[k] = rec if old is None else newer_write(old, rec)
