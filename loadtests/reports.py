@@ -101,20 +101,30 @@ def _variant_targets(cfg: LoadTestConfig, variants: Sequence[Variant]) -> Callab
 # -- run: ours and the baselines ---------------------------------------------------------
 
 
+#: what runs again in every later round of a run report: ours and the two InMemorySaver baselines
+ROUND_KEYS = ("kusto", "memory", "memory-yield")
+
+#: why the yielding InMemorySaver is reported next to InMemorySaver
+FLOOR_NOTE = (
+    "InMemorySaver with one yield per read, the floor of any saver whose reads leave the caller's "
+    "task (InMemorySaver never yields, so each agent runs all its steps alone)"
+)
+
+
 async def report_run(cfg: LoadTestConfig, on_event: OnEvent = None, *, rounds: int = 1) -> dict[str, Any]:
     """Ours and the baselines, once. With ``rounds`` > 1 (and the baselines on), ours
-    and InMemorySaver run ``rounds - 1`` times more, interleaved (:func:`interleaved_rounds`),
-    and the InMemorySaver target is judged on the median of the rounds' own ratios; the
-    tables show the first round, where every baseline ran."""
+    and the two InMemorySaver baselines run ``rounds - 1`` times more, interleaved
+    (:func:`interleaved_rounds`), and the InMemorySaver target is judged on the median
+    of the rounds' own ratios; the tables show the first round, where every baseline ran."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     run = await runner.run_targets(cfg, None, on_event)
     out = {**run, "report": "run"}
     if cfg.compare and rounds > 1:
-        # InMemorySaver first in the first of them: the opposite of the full run before
-        pair = lambda wd: [KustoTarget(cfg, wd), runner.MemoryTarget(cfg, wd)]  # noqa: E731
-        later = await interleaved_rounds(replace(cfg, warmup=False), pair, rounds - 1, on_event, reverse_first=True)
-        out["rounds"] = {"round 1": {"results": {k: run["results"][k] for k in ("kusto", "memory") if k in run["results"]}},
+        # the baselines first in the first of them: the opposite of the full run before
+        trio = lambda wd: [KustoTarget(cfg, wd), runner.MemoryTarget(cfg, wd), runner.YieldingMemoryTarget(cfg, wd)]  # noqa: E731
+        later = await interleaved_rounds(replace(cfg, warmup=False), trio, rounds - 1, on_event, reverse_first=True)
+        out["rounds"] = {"round 1": {"results": {k: run["results"][k] for k in ROUND_KEYS if k in run["results"]}},
                          **{f"round {n}": r for n, r in enumerate(later.values(), start=2)}}
         out["passed"] = run["passed"] and all(r["passed"] for r in later.values())
     out["checks"] = compare_checks(out) if cfg.compare else []
@@ -140,17 +150,18 @@ def compare_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
         fig_ours = ("ours", ours.get(metric), unit)
         fig_base = (label, base.get(metric), unit)
         note = ""
-        if key == "memory" and rounds:
-            r, per_round = paired_ratio(rounds, "kusto", "memory", metric)
+        if key in ROUND_KEYS and rounds:
+            r, per_round = paired_ratio(rounds, "kusto", key, metric)
             fig_ours = ("ours", median_over(rounds, "kusto", metric), unit)
-            fig_base = (label, median_over(rounds, "memory", metric), unit)
+            fig_base = (label, median_over(rounds, key, metric), unit)
             note = _rounds_note(per_round) + "; figures: medians over the rounds"
         if key in targets:
             out.append(check(f"{wl}: ours vs {label} {unit}", ratio_value=r, target=targets[key], ours=fig_ours,
                              base=fig_base, note=note))
         else:
+            why = FLOOR_NOTE if key == "memory-yield" else "reported for reference"
             out.append({**check(f"{wl}: ours vs {label} {unit}", ratio_value=r, target=0.0, ours=fig_ours, base=fig_base),
-                        "target": None, "passed": None, "note": "no target: reported for reference"})
+                        "target": None, "passed": None, "note": f"no target: {why}" + (f"; {note}" if note else "")})
     return out
 
 
@@ -238,13 +249,18 @@ def _rounds_note(per_round: Sequence[float]) -> str:
 
 
 async def report_scale(cfg: LoadTestConfig, on_event: OnEvent = None, *, large_agents: int = DEFAULT_SCALE_AGENTS) -> dict[str, Any]:
-    """Checkpoints/s and peak RSS at ``cfg.agents`` and at ``large_agents`` (ours only)."""
+    """Checkpoints/s and peak RSS at ``cfg.agents`` and at ``large_agents``: ours, and for
+    reference InMemorySaver with one yield per read (with ``cfg.compare``), whose own
+    ratio is what interleaving that many agents costs the interpreter."""
     runs = {}
     for n in (cfg.agents, large_agents):
         # the same verification effort at both sizes: as many threads as the small run has
         c = replace(cfg, agents=n, compare=False, verify_sample=cfg.verify_sample or cfg.agents)
         v = Variant(key=f"kusto-{n}-agents", label=f"{n} agents")
-        runs[f"{n}_agents"] = await runner.run_targets(c, _variant_targets(c, [v]), on_event)
+        make = _variant_targets(c, [v])
+        if cfg.compare:
+            make = lambda wd, c=c, make=make: [*make(wd), runner.YieldingMemoryTarget(c, wd)]  # noqa: E731
+        runs[f"{n}_agents"] = await runner.run_targets(c, make, on_event)
         gc.collect()
     small = _res(runs[f"{cfg.agents}_agents"], f"kusto-{cfg.agents}-agents")
     large = _res(runs[f"{large_agents}_agents"], f"kusto-{large_agents}-agents")
@@ -263,6 +279,18 @@ async def report_scale(cfg: LoadTestConfig, on_event: OnEvent = None, *, large_a
                       + [_backpressure(r, n) for r, n in ((large, large_agents), (small, cfg.agents))])),
         )
     ]
+    if cfg.compare:
+        fs = _res(runs[f"{cfg.agents}_agents"], "memory-yield")
+        fl = _res(runs[f"{large_agents}_agents"], "memory-yield")
+        checks.append({
+            **check(f"scale, {runner.LABELS['memory-yield']}: checkpoints/s at {large_agents} agents / at {cfg.agents}",
+                    ratio_value=ratio(fl.get("checkpoints_per_s"), fs.get("checkpoints_per_s")), target=0.0,
+                    ours=(f"{large_agents} agents", fl.get("checkpoints_per_s"), "checkpoints/s"),
+                    base=(f"{cfg.agents} agents", fs.get("checkpoints_per_s"), "checkpoints/s")),
+            "target": None, "passed": None,
+            "note": "no target: what the same agent counts cost a saver that stores nothing but yields once "
+                    "per read; " + "; ".join(_gc_share(r, n) for r, n in ((fl, large_agents), (fs, cfg.agents))),
+        })
     passed = all(r["passed"] for r in runs.values())
     return {"report": "scale", "config": asdict(cfg), "agents": [cfg.agents, large_agents], "rss": rss,
             "runs": runs, "checks": checks, "passed": passed}

@@ -39,10 +39,11 @@ from .inject import InjectSpec, parse_inject
 from .metrics import Latencies, RecordingBackend, time_saver_calls
 
 #: baselines, in the order they run after ours
-BASELINES = ("memory", "sqlite", "postgres")
+BASELINES = ("memory", "memory-yield", "sqlite", "postgres")
 LABELS = {
     "kusto": "AsyncKustoSaver (embedded DuckDB)",
     "memory": "InMemorySaver",
+    "memory-yield": "InMemorySaver, reads yield once",
     "sqlite": "AsyncSqliteSaver",
     "postgres": "AsyncPostgresSaver",
 }
@@ -446,6 +447,37 @@ class MemoryTarget(Target):
         self.saver = None
 
 
+def yielding_memory_saver() -> Any:
+    """An ``InMemorySaver`` whose ``aget_tuple`` first gives the event loop one turn.
+
+    The floor of any saver whose reads leave the calling task (a query, a message to
+    an actor): ``InMemorySaver`` never yields, so each of its agents runs all its steps
+    before the next one starts, with its state hot in the CPU cache and no other
+    agent's objects alive; one yield per read makes the agents interleave, as they do
+    on every saver that does I/O. Nothing else differs."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    class YieldingInMemorySaver(InMemorySaver):
+        async def aget_tuple(self, config: Any) -> Any:
+            await asyncio.sleep(0)
+            return self.get_tuple(config)
+
+    return YieldingInMemorySaver()
+
+
+class YieldingMemoryTarget(MemoryTarget):
+    """``InMemorySaver`` with one yield per read (:func:`yielding_memory_saver`): the
+    cost of interleaving the agents, with nothing stored anywhere else."""
+
+    key = "memory-yield"
+    label = LABELS["memory-yield"]
+
+    @contextlib.asynccontextmanager
+    async def writer(self) -> AsyncIterator[Any]:
+        self.saver = yielding_memory_saver()
+        yield self.saver
+
+
 class SqliteTarget(Target):
     key = "sqlite"
     label = LABELS["sqlite"]
@@ -512,15 +544,17 @@ def _redact_url(url: str) -> str:
     return url
 
 
-BASELINE_CLASSES: dict[str, type[Target]] = {"memory": MemoryTarget, "sqlite": SqliteTarget, "postgres": PostgresTarget}
+BASELINE_CLASSES: dict[str, type[Target]] = {
+    "memory": MemoryTarget, "memory-yield": YieldingMemoryTarget, "sqlite": SqliteTarget, "postgres": PostgresTarget,
+}
 
 
 def default_targets(cfg: LoadTestConfig, workdir: str) -> list[Target]:
-    """Ours, then (with ``compare``) the baselines: InMemorySaver, AsyncSqliteSaver, and
-    AsyncPostgresSaver when a Postgres URL is given."""
+    """Ours, then (with ``compare``) the baselines: InMemorySaver, InMemorySaver with one
+    yield per read, AsyncSqliteSaver, and AsyncPostgresSaver when a Postgres URL is given."""
     targets: list[Target] = [KustoTarget(cfg, workdir)]
     if cfg.compare:
-        targets += [MemoryTarget(cfg, workdir), SqliteTarget(cfg, workdir)]
+        targets += [MemoryTarget(cfg, workdir), YieldingMemoryTarget(cfg, workdir), SqliteTarget(cfg, workdir)]
         if cfg.postgres_url:
             targets.append(PostgresTarget(cfg, workdir))
     return targets

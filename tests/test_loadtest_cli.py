@@ -25,7 +25,7 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
 
     assert code == 0, text
     assert res["passed"] is True
-    assert set(res["results"]) == {"kusto", "memory", "sqlite"}
+    assert set(res["results"]) == {"kusto", "memory", "memory-yield", "sqlite"}
     per_thread = res["expected_checkpoints_per_thread"]
     assert per_thread == (5 * steps if workload == "graph" else steps)  # graph: input + 4 supersteps per invoke
     for key, r in res["results"].items():
@@ -42,7 +42,7 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
     assert ours["store"]["rows"]["Checkpoints"] == agents * per_thread
     assert ours["engine"]["batches_failed"] == 0 and ours["engine"]["rows_in"] > 0
     assert ours["store_warnings"] == []
-    for base in ("memory", "sqlite"):
+    for base in ("memory", "memory-yield", "sqlite"):
         assert res["comparison"][base]["ops_per_s_ratio"] > 0
     assert res["workdir"] is None  # temporary store removed
     assert not os.path.exists(ours["store"]["path"])
@@ -52,9 +52,9 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
     assert f"threads OK {agents}, failed 0" in text
     assert op in text and "checkpoints/s" in text and "peak RSS" in text and "elapsed" in text
     assert "summary (same workload, same process, one saver after another):" in text
-    for label in ("AsyncKustoSaver (embedded DuckDB)", "InMemorySaver", "AsyncSqliteSaver"):
+    for label in ("AsyncKustoSaver (embedded DuckDB)", "InMemorySaver", "InMemorySaver, reads yield once", "AsyncSqliteSaver"):
         assert label in text
-    assert "RESULT: OK (all 15 threads verified)" in text
+    assert "RESULT: OK (all 20 threads verified)" in text
 
 
 def test_failed_verification_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,5 +116,5 @@ def test_python_dash_m_runs_and_prints_the_summary() -> None:
     assert "threads OK 3, failed 0" in out
     assert "invocations/s" in out and "checkpoints/s" in out and "peak RSS" in out
     assert "InMemorySaver" in out and "AsyncSqliteSaver" in out
-    assert out.rstrip().endswith("RESULT: OK (all 9 threads verified)")
+    assert out.rstrip().endswith("RESULT: OK (all 12 threads verified)")  # ours and 3 baselines
     assert "[kusto] verified: 3 OK, 0 failed" in proc.stderr  # progress goes to stderr

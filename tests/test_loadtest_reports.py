@@ -55,7 +55,7 @@ def test_run_writes_json_with_every_figure_and_a_png(tmp_path) -> None:
     with open(js) as f:
         data = json.load(f)
     assert data["report"] == "run"
-    assert set(data["results"]) == {"kusto", "memory", "sqlite"}
+    assert set(data["results"]) == {"kusto", "memory", "memory-yield", "sqlite"}
     for key, r in data["results"].items():
         assert r["ops_per_s"] > 0 and r["checkpoints_per_s"] > 0 and r["peak_rss_bytes"] > 0
         for op in ("aget_tuple", "aput", "aput_writes", "step"):
@@ -267,18 +267,25 @@ def test_scale_report_reports_both_sizes() -> None:
     for r in (small, large):  # the garbage collector's share, measured over the write phase
         assert 0 <= r["gc_s"] <= r["cpu_s"] + 0.5 and len(r["gc_collections"]) == 3
     assert "GC " in res["checks"][0]["note"] and "full collections" in res["checks"][0]["note"]
+    # for reference, the yielding InMemorySaver at both sizes, every thread of its own verified
+    floor = res["checks"][1]
+    assert floor["name"].startswith("scale, InMemorySaver, reads yield once") and floor["passed"] is None
+    fl = res["runs"]["7_agents"]["results"]["memory-yield"]
+    fs = res["runs"]["3_agents"]["results"]["memory-yield"]
+    assert fl["verification"]["ok"] == 3 and fs["verification"]["ok"] == 3 and fl["ops"] == 7 * 2
+    assert floor["ratio"] == pytest.approx(fl["checkpoints_per_s"] / fs["checkpoints_per_s"])
 
 
 def test_run_with_rounds_judges_in_memory_saver_on_the_median_of_paired_ratios() -> None:
     code, res, text, _ = _run([*TINY, "--workload", "raw", "--rounds", "3", "-q"])
     assert code == 0, text
-    assert set(res["results"]) == {"kusto", "memory", "sqlite"}  # the tables: round 1, every baseline
+    assert set(res["results"]) == {"kusto", "memory", "memory-yield", "sqlite"}  # the tables: round 1, every baseline
     rounds = res["rounds"]
     assert sorted(rounds) == ["round 1", "round 2", "round 3"]
     for r in rounds.values():
-        assert set(r["results"]) == {"kusto", "memory"}
+        assert set(r["results"]) == {"kusto", "memory", "memory-yield"}
     # the later rounds alternate which saver goes first; round 1 ran ours first
-    assert [next(iter(r["results"])) for r in rounds.values()] == ["kusto", "memory", "kusto"]
+    assert [next(iter(r["results"])) for r in rounds.values()] == ["kusto", "memory-yield", "kusto"]
     by_name = {c["name"]: c for c in res["checks"]}
     mem = by_name["raw: ours vs InMemorySaver checkpoints/s"]
     per_round = [r["results"]["kusto"]["checkpoints_per_s"] / r["results"]["memory"]["checkpoints_per_s"]
@@ -287,6 +294,11 @@ def test_run_with_rounds_judges_in_memory_saver_on_the_median_of_paired_ratios()
     assert mem["base"]["value"] == pytest.approx(
         statistics.median(r["results"]["memory"]["checkpoints_per_s"] for r in rounds.values()))
     assert "median of 3 interleaved rounds' ratios" in mem["note"]
+    # the yielding InMemorySaver: judged nowhere, its ratio over the same rounds
+    floor = by_name["raw: ours vs InMemorySaver, reads yield once checkpoints/s"]
+    assert floor["passed"] is None and floor["target"] is None and "floor" in floor["note"]
+    assert floor["ratio"] == pytest.approx(statistics.median(
+        r["results"]["kusto"]["checkpoints_per_s"] / r["results"]["memory-yield"]["checkpoints_per_s"] for r in rounds.values()))
     # the SQLite baseline ran once: its ratio is round 1's
     sq = by_name["raw: ours vs AsyncSqliteSaver checkpoints/s"]
     assert sq["ratio"] == pytest.approx(res["results"]["kusto"]["checkpoints_per_s"] / res["results"]["sqlite"]["checkpoints_per_s"])
@@ -387,3 +399,34 @@ def test_fsync_counter_is_found_wherever_the_engine_reports_it() -> None:
     assert reports.fsync_count({"rows_in": 3, "restarts": {"batcher": 0}}) is None
     assert reports.fsync_count({"fsyncs": 12}) == 12
     assert reports.fsync_count({"spool": {"bytes": 5, "fsync_count": 7}}) == 7
+
+
+@pytest.mark.parametrize("yielding", [False, True])
+def test_yielding_in_memory_saver_gives_the_loop_one_turn_per_read_and_reads_the_same(yielding: bool) -> None:
+    import asyncio
+
+    from langgraph.checkpoint.base import empty_checkpoint
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    async def main() -> tuple[list[str], object, object]:
+        saver = runner.yielding_memory_saver() if yielding else InMemorySaver()
+        cfg = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+        ckpt = empty_checkpoint()
+        ckpt["channel_values"] = {"messages": ["hi"]}
+        ckpt["channel_versions"] = {"messages": saver.get_next_version(None, None)}
+        await saver.aput(cfg, ckpt, {"source": "input", "step": -1}, ckpt["channel_versions"])
+        ran: list[str] = []
+
+        async def other() -> None:
+            ran.append("other")
+
+        task = asyncio.get_running_loop().create_task(other())
+        tup = await saver.aget_tuple(cfg)
+        seen = list(ran)
+        await task
+        return seen, tup, saver.get_tuple(cfg)
+
+    seen, got, direct = asyncio.run(main())
+    # InMemorySaver returns without letting another task run; the yielding one lets it run once
+    assert seen == (["other"] if yielding else [])
+    assert got == direct and got.checkpoint["channel_values"] == {"messages": ["hi"]}
