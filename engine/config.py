@@ -46,6 +46,11 @@ class EngineConfig:
     ingest_concurrency: int = 16
     #: batches queued for the ingestor before the batcher blocks
     ingest_queue_size: int = 4
+    #: seconds: the interpreter's thread switch interval (``sys.setswitchinterval``) while
+    #: this engine is open, restored when it closes; None leaves it alone. The backend's
+    #: worker threads (DuckDB, the Kusto SDK) wait this long beside a busy event loop each
+    #: time they take the GIL again (engine/switch.py); CPython's default is 0.005
+    switch_interval: float | None = None
     #: retries of a transient backend failure (throttling, 5xx, timeouts)
     max_retries: int = 5
     #: first backoff in seconds; doubles per retry, with full jitter
@@ -132,6 +137,8 @@ class EngineConfig:
             positive_number(name, allow_zero=True)
         if self.put_timeout is not None:
             positive_number("put_timeout")
+        if self.switch_interval is not None:
+            positive_number("switch_interval")
         if self.durability not in DURABILITY_MODES:
             raise ConfigError(
                 f"durability must be one of {DURABILITY_MODES}, got {self.durability!r}"

@@ -93,7 +93,7 @@ def _sweep_param(text: str) -> tuple[str, list[Any]]:
         raise argparse.ArgumentTypeError(
             f"expected NAME=V1,V2,... with NAME one of {', '.join(reports.SWEEP_PARAMS)}, got {text!r}"
         )
-    conv = _positive_float if name == "flush_interval" else _positive_int
+    conv = _positive_float if name in ("flush_interval", "switch_interval") else _positive_int
     values = [conv(v.strip()) for v in raw.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"no values for {name}")
@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = p.add_argument_group("reports")
     rep.add_argument("--sweep-param", action="append", type=_sweep_param, default=[], metavar="NAME=V1,V2,..",
                      help=f"sweep only these (repeatable; NAME: {', '.join(reports.SWEEP_PARAMS)}); default grids: "
-                     + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in reports.SWEEP_DEFAULTS.items()))
+                     + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in reports.SWEEP_DEFAULTS.items())
+                     + f" ({', '.join(reports.SWEEP_OPTIONAL)}: only when named)")
     rep.add_argument("--sweep-mode", choices=("oat", "grid"), default="oat",
                      help="oat: one parameter at a time around the current settings; grid: every combination")
     rep.add_argument("--sweep-slack", type=_positive_float, default=1.5,

@@ -538,8 +538,10 @@ SWEEP_DEFAULTS: dict[str, list[Any]] = {
     "ingest_concurrency": [1, 4, 8, 16],
     "agents": [50, 200, 1000],
 }
-SWEEP_PARAMS = tuple(SWEEP_DEFAULTS)
-ENGINE_SWEEP_PARAMS = ("batch_size", "flush_interval", "ingest_concurrency")
+#: swept only when asked for (``--sweep-param switch_interval=0.005,0.0005``): a process-wide setting
+SWEEP_OPTIONAL = ("switch_interval",)
+SWEEP_PARAMS = (*SWEEP_DEFAULTS, *SWEEP_OPTIONAL)
+ENGINE_SWEEP_PARAMS = ("batch_size", "flush_interval", "ingest_concurrency", "switch_interval")
 
 
 def _sweep_point_key(point: dict[str, Any]) -> str:
@@ -592,7 +594,9 @@ async def report_sweep(
     grids = dict(grids or SWEEP_DEFAULTS)
     d = EngineConfig.from_options(**cfg.engine_options)
     base = {"batch_size": d.batch_size, "flush_interval": d.flush_interval,
-            "ingest_concurrency": d.ingest_concurrency, "agents": cfg.agents}
+            "ingest_concurrency": d.ingest_concurrency, "agents": cfg.agents,
+            # unset leaves the interpreter's own interval: the base point names it
+            "switch_interval": d.switch_interval if d.switch_interval is not None else sys.getswitchinterval()}
     base = {k: base[k] for k in grids}
     metric, unit = ("ops_per_s", "invocations/s") if cfg.workload == "graph" else ("checkpoints_per_s", "checkpoints/s")
     rows: list[dict[str, Any]] = []

@@ -113,6 +113,25 @@ def test_sweep_recommends_settings_and_plots(tmp_path) -> None:
     assert json.load(open(js))["recommendation"] == rec
 
 
+def test_sweep_of_the_switch_interval_runs_each_value_and_restores_the_interval(tmp_path) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    png = str(tmp_path / "s.png")
+    code, res, text, _ = _run(
+        [*TINY, "--workload", "raw", "--sweep", "--sweep-param", "switch_interval=0.001,0.0005", "--plot", png, "-q"]
+    )
+    assert code == 0, text
+    seen = [p["settings"]["switch_interval"] for p in res["points"]]
+    assert seen == [before, 0.001, 0.0005]  # the interpreter's own interval, then each value
+    runs = [r for k, r in res["runs"].items() if k != "confirm"]
+    options = [next(iter(r["results"].values()))["engine_options"].get("switch_interval") for r in runs]
+    assert options == [before, 0.001, 0.0005]
+    assert res["recommendation"]["settings"]["switch_interval"] in (before, 0.001, 0.0005)
+    assert sys.getswitchinterval() == before
+    _assert_png(png)
+
+
 def test_recommend_picks_highest_throughput_within_the_latency_slack() -> None:
     pts = [
         {"settings": {"batch_size": 10}, "throughput": 100.0, "p99_ms": 10.0},

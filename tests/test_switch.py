@@ -1,0 +1,103 @@
+"""``switch_interval``: the interpreter's thread switch interval while engines are open,
+on both anyio backends and with the sync saver, restored on close and on a failed open."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.base import empty_checkpoint
+
+from langgraph.checkpoint.kusto import AsyncKustoSaver, ConfigError, KustoSaver
+
+pytestmark = pytest.mark.anyio
+
+DEFAULT = 0.005
+
+
+@pytest.fixture(autouse=True)
+def known_interval() -> Iterator[None]:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(DEFAULT)
+    yield
+    sys.setswitchinterval(before)
+
+
+def _cfg(thread: str) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+
+
+async def _round_trip(saver: AsyncKustoSaver, thread: str) -> None:
+    cp = empty_checkpoint()
+    cp["channel_values"] = {"x": thread}
+    cp["channel_versions"] = {"x": "1"}
+    await saver.aput(_cfg(thread), cp, {}, {"x": "1"})
+    got = await saver.aget_tuple(_cfg(thread))
+    assert got is not None and got.checkpoint["channel_values"] == {"x": thread}
+
+
+async def test_set_while_open_and_restored_on_close() -> None:
+    async with AsyncKustoSaver.embedded(switch_interval=0.0005) as saver:
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        await _round_trip(saver, "t")
+    assert sys.getswitchinterval() == pytest.approx(DEFAULT)
+
+
+async def test_unset_leaves_the_interval_alone() -> None:
+    sys.setswitchinterval(0.002)
+    async with AsyncKustoSaver.embedded() as saver:
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        await _round_trip(saver, "t")
+    assert sys.getswitchinterval() == pytest.approx(0.002)
+
+
+async def test_nested_engines_take_the_smallest_and_the_last_close_restores() -> None:
+    async with AsyncKustoSaver.embedded(switch_interval=0.001) as outer:
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        async with AsyncKustoSaver.embedded(switch_interval=0.0002) as inner:
+            assert sys.getswitchinterval() == pytest.approx(0.0002)
+            async with AsyncKustoSaver.embedded() as plain:  # no option: changes nothing
+                assert sys.getswitchinterval() == pytest.approx(0.0002)
+                await _round_trip(plain, "p")
+            await _round_trip(inner, "i")
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        await _round_trip(outer, "o")
+    assert sys.getswitchinterval() == pytest.approx(DEFAULT)
+
+
+async def test_a_change_made_by_someone_else_while_open_stands() -> None:
+    async with AsyncKustoSaver.embedded(switch_interval=0.0005):
+        sys.setswitchinterval(0.003)  # the host's own setting, made while the engine runs
+        async with AsyncKustoSaver.embedded(switch_interval=0.0001):
+            assert sys.getswitchinterval() == pytest.approx(0.003)
+    assert sys.getswitchinterval() == pytest.approx(0.003)
+
+
+async def test_restored_when_the_open_fails(tmp_path: Any) -> None:
+    saver = AsyncKustoSaver.embedded(str(tmp_path), switch_interval=0.0005)  # a directory: DuckDB refuses it
+    with pytest.raises(Exception):  # noqa: B017 - DuckDB's own error type
+        async with saver:
+            pass
+    assert sys.getswitchinterval() == pytest.approx(DEFAULT)
+    async with AsyncKustoSaver.embedded(switch_interval=0.001) as ok:  # the bookkeeping is clean
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        await _round_trip(ok, "t")
+    assert sys.getswitchinterval() == pytest.approx(DEFAULT)
+
+
+def test_sync_saver_sets_it_from_its_own_loop_thread() -> None:
+    with KustoSaver.embedded(switch_interval=0.0005) as saver:
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        cp = empty_checkpoint()
+        saver.put(_cfg("s"), cp, {}, {})
+        assert saver.get_tuple(_cfg("s")) is not None
+    assert sys.getswitchinterval() == pytest.approx(DEFAULT)
+
+
+@pytest.mark.parametrize("bad", [0, -0.001, math.nan, math.inf, True, "0.001"])
+def test_bad_values_are_refused(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="switch_interval"):
+        AsyncKustoSaver.embedded(switch_interval=bad)
