@@ -33,7 +33,7 @@ _set: float | None = None
 
 def acquire(interval: float) -> None:
     """An engine opens with ``switch_interval=interval``."""
-    global _saved, _set
+    global _saved
     with _lock:
         if not _asked:
             _saved = sys.getswitchinterval()
