@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="latency-hiding and telemetry: interleaved rounds of every variant, the order reversed "
                      "every other round; each ratio is the median of the rounds' own ratios (default: "
                      f"{reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry); "
+                     "sweep: every point N times, the points' order reversed every other round, each point's "
+                     "figures from its run with the median throughput (default: 1); "
                      "run (with the baselines): ours and InMemorySaver N-1 more times, the InMemorySaver ratio "
                      f"their median (default: 1; {reports.DEFAULT_COMPARE_ROUNDS} in the acceptance's raw and graph sections)")
     rep.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
@@ -454,15 +456,18 @@ def format_any(res: dict[str, Any]) -> list[str]:
 
 def format_sweep(res: dict[str, Any]) -> list[str]:
     params = list(res["grids"])
-    lines = [f"sweep ({res['mode']}, {res['metric']}; step latency p50/p99 in ms):"]
+    rounds = res.get("rounds", 1)
+    how = f"; the run with the median throughput of {rounds} interleaved rounds" if rounds > 1 else ""
+    lines = [f"sweep ({res['mode']}, {res['metric']}; step latency p50/p99 in ms{how}):"]
     rows = []
     for p in res["points"]:
         s = p["settings"]
-        rows.append([*(str(s.get(k)) for k in params), num(p["throughput"]), num(p["p50_ms"], ".2f"),
+        per_round = [" / ".join(num(t, ",.0f") for t in p.get("round_throughputs") or [])] if rounds > 1 else []
+        rows.append([*(str(s.get(k)) for k in params), num(p["throughput"]), *per_round, num(p["p50_ms"], ".2f"),
                      num(p["p99_ms"], ".2f"), num(p["p99_aput_ms"], ".3f"), num(p["mean_batch_rows"], ".0f"),
                      mib(p["peak_rss_bytes"]), "ok" if p["passed"] else (p["error"] or "FAILED")])
-    lines += table([*params, res["metric"], "p50", "p99", "p99 aput", "rows/batch", "peak RSS", "verified"], rows,
-                   "r" * (len(params) + 6) + "l")
+    lines += table([*params, res["metric"], *(["rounds"] if rounds > 1 else []), "p50", "p99", "p99 aput",
+                    "rows/batch", "peak RSS", "verified"], rows, "r" * (len(params) + 6 + (rounds > 1)) + "l")
     rec = res.get("recommendation")
     lines.append("")
     if rec:
@@ -524,7 +529,7 @@ async def _run_report(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_e
     if kind == "sweep":
         grids = dict(args.sweep_param) or None
         return await reports.report_sweep(cfg, on_event, grids=grids, mode=args.sweep_mode, slack=args.sweep_slack,
-                                          confirm=args.sweep_confirm)
+                                          confirm=args.sweep_confirm, rounds=args.rounds or 1)
     if kind == "latency-hiding":
         return await reports.report_latency_hiding(cfg, on_event, rounds=args.rounds or reports.DEFAULT_HIDING_ROUNDS)
     if kind == "scale":

@@ -119,9 +119,11 @@ def test_sweep_of_the_switch_interval_runs_each_value_and_restores_the_interval(
     before = sys.getswitchinterval()
     png = str(tmp_path / "s.png")
     code, res, text, _ = _run(
-        [*TINY, "--workload", "raw", "--sweep", "--sweep-param", "switch_interval=0.001,0.0005", "--plot", png, "-q"]
+        [*TINY, "--workload", "raw", "--sweep", "--sweep-param", "switch_interval=0.001,0.0005", "--rounds", "2",
+         "--plot", png, "-q"]
     )
     assert code == 0, text
+    assert res["rounds"] == 2 and all(len(p["round_throughputs"]) == 2 for p in res["points"])
     seen = [p["settings"]["switch_interval"] for p in res["points"]]
     assert seen == [before, 0.001, 0.0005]  # the interpreter's own interval, then each value
     runs = [r for k, r in res["runs"].items() if k != "confirm"]
@@ -130,6 +132,31 @@ def test_sweep_of_the_switch_interval_runs_each_value_and_restores_the_interval(
     assert res["recommendation"]["settings"]["switch_interval"] in (before, 0.001, 0.0005)
     assert sys.getswitchinterval() == before
     _assert_png(png)
+
+
+def test_sweep_rounds_run_every_point_each_round_in_alternating_order() -> None:
+    import asyncio
+
+    cfg = runner.LoadTestConfig(agents=3, steps=2, workload="raw", compare=False)
+    started: list[str] = []
+
+    def on_event(e: dict) -> None:
+        if e["event"] == "start":
+            started.append(e["target"])
+
+    res = asyncio.run(reports.report_sweep(cfg, on_event, grids={"batch_size": [5, 50]}, rounds=3, confirm=False))
+    keys = [reports._sweep_point_key(p["settings"]) for p in res["points"]]
+    assert len(keys) == 3  # the default (500), then 5 and 50
+    assert started == keys + keys[::-1] + keys
+    for p in res["points"]:
+        rates = p["round_throughputs"]
+        assert len(rates) == 3 and all(r > 0 for r in rates)
+        assert p["throughput"] == sorted(rates)[1]  # the median run's figures
+    assert res["rounds"] == 3 and res["passed"]
+    text = "\n".join(cli.format_sweep(res))
+    assert "median throughput of 3 interleaved rounds" in text
+    with pytest.raises(ValueError, match="rounds"):
+        asyncio.run(reports.report_sweep(cfg, grids={"batch_size": [5]}, rounds=0))
 
 
 def test_recommend_picks_highest_throughput_within_the_latency_slack() -> None:
