@@ -1,9 +1,10 @@
 """The interpreter's thread switch interval while engines run (``EngineConfig.switch_interval``).
 
 A backend call that runs in a worker thread (DuckDB's insert and query, the Kusto
-SDK's HTTP request) takes the GIL again several times before it returns: DuckDB's
-Python layer about ten times per ``INSERT ... SELECT`` from an Arrow table, three
-for ``SELECT 1``. While the event loop runs Python code, each of those waits for
+SDK's HTTP request) takes the GIL again several times before it returns: judging by
+the waits below (not counted), DuckDB's Python layer about ten times per ``INSERT ...
+SELECT`` from an Arrow table, three for ``SELECT 1``. While the event loop runs
+Python code, each of those waits for
 the loop to be told to give the GIL up, which CPython does after the switch
 interval (``sys.setswitchinterval``, 5 ms by default). One 500-row insert that
 takes 2 ms on an idle process takes 40-65 ms beside a busy loop, and the forced
@@ -49,16 +50,19 @@ def release(interval: float) -> None:
         if _asked:
             _apply(min(_asked))
             return
-        current = sys.getswitchinterval()
-        if _saved is not None and _set is not None and abs(current - _set) < 1e-9:
+        if _saved is not None and _still_ours():
             sys.setswitchinterval(_saved)
         _saved = _set = None
 
 
+def _still_ours() -> bool:
+    """Nothing else changed the interval since this module last set it (or it never did)."""
+    return _set is None or abs(sys.getswitchinterval() - _set) < 1e-9
+
+
 def _apply(interval: float) -> None:
     global _set
-    current = sys.getswitchinterval()
-    if _set is not None and abs(current - _set) >= 1e-9:
+    if not _still_ours():
         return  # changed by someone else since: theirs stands
     sys.setswitchinterval(interval)
     _set = sys.getswitchinterval()  # as the interpreter stores it (microseconds)

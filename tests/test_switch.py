@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import duckdb
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 
@@ -78,7 +79,7 @@ async def test_a_change_made_by_someone_else_while_open_stands() -> None:
 
 async def test_restored_when_the_open_fails(tmp_path: Any) -> None:
     saver = AsyncKustoSaver.embedded(str(tmp_path), switch_interval=0.0005)  # a directory: DuckDB refuses it
-    with pytest.raises(Exception):  # noqa: B017 - DuckDB's own error type
+    with pytest.raises(duckdb.Error):
         async with saver:
             pass
     assert sys.getswitchinterval() == pytest.approx(DEFAULT)
