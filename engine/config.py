@@ -49,8 +49,13 @@ class EngineConfig:
     #: seconds: the interpreter's thread switch interval (``sys.setswitchinterval``) while
     #: this engine is open, restored when it closes; None leaves it alone. The backend's
     #: worker threads (DuckDB, the Kusto SDK) wait this long beside a busy event loop each
-    #: time they take the GIL again (engine/switch.py); CPython's default is 0.005
+    #: time they take the GIL again (engine/interpreter.py); CPython's default is 0.005
     switch_interval: float | None = None
+    #: the cyclic garbage collector's thresholds (``gc.set_threshold``), three positive
+    #: integers, while this engine is open, restored when it closes; None leaves them
+    #: alone. CPython's (700, 10, 10) make a host with thousands of live threads walk all
+    #: their objects again and again (engine/interpreter.py)
+    gc_threshold: tuple[int, int, int] | None = None
     #: retries of a transient backend failure (throttling, 5xx, timeouts)
     max_retries: int = 5
     #: first backoff in seconds; doubles per retry, with full jitter
@@ -139,6 +144,19 @@ class EngineConfig:
             positive_number("put_timeout")
         if self.switch_interval is not None:
             positive_number("switch_interval")
+        if self.gc_threshold is not None:
+            t = self.gc_threshold
+            if (
+                isinstance(t, (str, bytes))
+                or not isinstance(t, (tuple, list))
+                or len(t) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t)
+            ):
+                raise ConfigError(
+                    f"gc_threshold must be three positive integers (threshold0, threshold1, threshold2) "
+                    f"as gc.set_threshold takes them, got {t!r}; to turn the collector off, call gc.disable() yourself"
+                )
+            object.__setattr__(self, "gc_threshold", tuple(t))  # a list (JSON, a CLI) is kept as a tuple
         if self.durability not in DURABILITY_MODES:
             raise ConfigError(
                 f"durability must be one of {DURABILITY_MODES}, got {self.durability!r}"

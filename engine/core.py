@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from ..telemetry import Instruments, names
-from . import switch
+from . import interpreter
 from .actor import Crash
 from .actors.batcher import Batcher, BatcherState, ticker
 from .actors.deleter import Deleter, make_put
@@ -75,9 +75,9 @@ class Engine:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            if cfg.switch_interval is not None:
-                switch.acquire(cfg.switch_interval)
-                stack.callback(switch.release, cfg.switch_interval)
+            for setting, value in interpreter.asked_for(cfg):  # process-wide, held while open
+                setting.acquire(value)
+                stack.callback(setting.release, value)
             await self.backend.open()
             stack.push_async_callback(self.backend.close)
             rt = Runtime(cfg, self.backend, self.instruments)
