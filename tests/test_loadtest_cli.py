@@ -92,6 +92,17 @@ def test_store_and_engine_options(tmp_path) -> None:
     assert res["results"]["kusto"]["store"]["existed"] is True
 
 
+def test_gc_threshold_option_reaches_the_engine_and_is_restored() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    code, res, text = _run(["--agents", "2", "--steps", "2", "--no-compare", "-q", "-o", "gc_threshold=[100000,50,1000]"])
+    assert code == 0, text
+    assert res["config"]["engine_options"] == {"gc_threshold": [100000, 50, 1000]}
+    assert res["results"]["kusto"]["engine_options"] == {"gc_threshold": [100000, 50, 1000]}
+    assert gc.get_threshold() == before  # held only while our engine was open
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--agents", "0"], ["--steps", "x"], ["--workload", "nope"], ["-o", "no_such_option=1"], ["-o", "batch_size"]],
