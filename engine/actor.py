@@ -33,8 +33,23 @@ class Crash(Message):
     redeliverable = False
 
 
+class _Fault:
+    """A direct dispatch that raised: the reader's own task takes it and crashes with
+    the message in hand, as if it had raised there."""
+
+    __slots__ = ("error", "msg")
+
+    def __init__(self, error: BaseException, msg: Any) -> None:
+        self.error = error
+        self.msg = msg
+
+
 class Actor:
     name = "actor"
+    #: message classes :meth:`handle_now` handles without awaiting anything; while the
+    #: actor waits for mail with none queued, a sender runs it in its own task (direct
+    #: dispatch, :meth:`Mailbox.send_nowait`) instead of queuing the message and waking it
+    direct_types: frozenset[type] = frozenset()
 
     def __init__(self, runtime: Runtime, mailbox: Mailbox, state: Any) -> None:
         self.runtime = runtime
@@ -42,6 +57,7 @@ class Actor:
         self.state = state
         self.in_hand: Any = None
         self.tg: TaskGroup | None = None
+        self._direct_fn = self._direct
 
     async def run(self) -> None:
         """Serve the mailbox until it is closed and drained."""
@@ -49,12 +65,17 @@ class Actor:
             self.tg = tg
             await self.on_start()
             try:
+                if self.direct_types:
+                    self.mailbox.direct = self._direct_fn
                 while True:
                     try:
                         msg = await self.mailbox.receive()
                     except (anyio.EndOfStream, anyio.ClosedResourceError):
                         break
                     self.in_hand = msg
+                    if isinstance(msg, _Fault):
+                        self.in_hand = msg.msg
+                        raise msg.error
                     if isinstance(msg, Crash):
                         raise InjectedCrash(f"injected crash in {self.name}")
                     parent = getattr(msg, "trace", None)  # set by a traced saver call
@@ -66,6 +87,8 @@ class Actor:
                     self.in_hand = None
                 await self.on_stop()
             finally:
+                if self.mailbox.direct is self._direct_fn:
+                    self.mailbox.direct = None
                 self.tg = None
             tg.cancel_scope.cancel()
 
@@ -77,6 +100,33 @@ class Actor:
 
     async def handle(self, msg: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def handle_now(self, msg: Any) -> None:  # pragma: no cover - abstract
+        """Handle a message of :attr:`direct_types` without awaiting anything."""
+        raise NotImplementedError
+
+    def _direct(self, msg: Any) -> bool:
+        """Handle ``msg`` in the sender's task, the actor being parked with no mail queued
+        (there is no other task in the actor's state at this moment: the event loop runs
+        one task at a time and the actor's own waits in ``receive``). Returns False for a
+        message it does not take that way. A handler that raises crashes the actor as if
+        its own task had raised, with ``msg`` in hand: the sender's send succeeds, and the
+        supervisor restarts the actor and redelivers or fails back ``msg``."""
+        if type(msg) not in self.direct_types:
+            return False
+        self.in_hand = msg
+        try:
+            parent = getattr(msg, "trace", None)
+            if parent is None:
+                self.handle_now(msg)
+            else:
+                with self.runtime.instruments.actor_span(self.name, msg, parent):
+                    self.handle_now(msg)
+        except Exception as exc:  # noqa: BLE001 - a crash, taken to the actor's task
+            self.mailbox.direct = None
+            self.mailbox.interrupt(_Fault(exc, msg))
+        self.in_hand = None
+        return True
 
     def on_crash(self, error: BaseException) -> None:
         """Deal with the message in hand: deliver it once more, or fail it back."""

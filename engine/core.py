@@ -2,7 +2,10 @@
 
 Every public coroutine here runs in the *caller's* task: it builds messages
 (records are already encoded by the saver), sends them, and awaits the reply.
-Nothing else: the actors own all state.
+Nothing else: the actors own all state. (A send to an idle query cache may run
+the cache's handler right there, in the caller's task: direct dispatch, see
+:meth:`.mailbox.Mailbox.send_nowait`; the cache's state still sees one message
+at a time.)
 """
 
 from __future__ import annotations

@@ -76,6 +76,72 @@ async def test_read_your_writes_while_ingestion_lags() -> None:
         assert saver.engine.stats()["overlay_records"] == 0
 
 
+async def test_reads_and_writes_reach_an_idle_query_cache_in_the_callers_task(anyio_backend: str) -> None:
+    """Direct dispatch: with the cache's mailbox empty and its task waiting for mail, a
+    put's records and a cache-hit read are handled in the caller's task. On asyncio such a
+    read then completes without letting any other task run (like InMemorySaver); on trio
+    waiting for the already-filled reply is still a checkpoint."""
+    saver, _ = saver_on(FaultPlan(ingest_latency=Latency(0.05)))
+    async with saver:
+        await put_chain(saver, "warm", 2, check_reads=True)  # the first read made a view
+        cache = saver.engine.runtime.mailboxes["cache"]  # type: ignore[union-attr]
+        ticks = 0
+
+        async def other() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            await anyio.sleep(0.01)  # other() is running
+            hits = saver.engine.stats()["cache_hits"]
+            start = ticks
+            cfg = {"configurable": {"thread_id": "warm", "checkpoint_ns": ""}}
+            for _ in range(50):
+                assert (await saver.aget_tuple(cfg)) is not None
+                assert cache.depth() == 0
+            yielded = ticks - start
+            tg.cancel_scope.cancel()
+        assert saver.engine.stats()["cache_hits"] == hits + 50
+        if anyio_backend == "asyncio":
+            assert yielded == 0
+        else:
+            assert yielded > 0
+
+
+async def test_a_crash_in_a_directly_dispatched_message_restarts_the_cache_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handler that raises while running in the caller's task crashes the actor in the
+    actor's own task, with the message in hand: the supervisor restarts it and redelivers
+    the message (a read is answered, a put's records reach the overlay), and the caller's
+    send does not raise."""
+    from langgraph.checkpoint.kusto.engine.actors.query_cache import QueryCache
+
+    failing = {"_read": 1, "_accept": 1}
+    for name in failing:
+        original = getattr(QueryCache, name)
+
+        def once(self: Any, msg: Any, _name: str = name, _original: Any = original) -> Any:
+            if failing[_name] and anyio.get_current_task().name != "actor:cache":
+                failing[_name] -= 1  # only a direct dispatch fails (the caller's task)
+                raise RuntimeError(f"injected fault in a direct {_name}")
+            return _original(self, msg)
+
+        monkeypatch.setattr(QueryCache, name, once)
+
+    saver, _ = saver_on(FaultPlan(ingest_latency=Latency(0.05)))
+    async with saver:
+        ids = await put_chain(saver, "t", 3, check_reads=True)
+        assert failing == {"_read": 0, "_accept": 0}, "both faults should have been injected"
+        assert saver.engine.restarts["cache"] == 2
+        assert await stored_ids(saver, "t") == ids[::-1]
+        await saver.flush()
+    assert saver.engine.restarts["cache"] == 2
+
+
 async def test_reads_after_reopen_come_from_the_store(tmp_path: Any) -> None:
     path = str(tmp_path / "cp.duckdb")
     async with AsyncKustoSaver.embedded(path, **FAST) as saver:

@@ -309,3 +309,94 @@ async def test_admission_wakes_waiters_when_the_mailbox_closes() -> None:
             await anyio.wait_all_tasks_blocked()
             box.close()
     assert len(errors) == 3 and len(gate) == 0
+
+
+# -- direct dispatch: a parked reader's handler runs in the sender's task --
+
+
+class DirectReader:
+    """A reader that takes ints directly (in the sender's task) and queues anything else;
+    it records which task handled each message."""
+
+    def __init__(self, box: Mailbox) -> None:
+        self.box = box
+        self.handled: list[tuple[Any, str, str]] = []  # (message, how, task)
+        box.direct = self.direct
+
+    def direct(self, msg: Any) -> bool:
+        if not isinstance(msg, int):
+            return False
+        self.handled.append((msg, "direct", anyio.get_current_task().name))
+        if msg == 99:  # a handler that sends to its own mailbox
+            self.box.send_nowait(100)
+        return True
+
+    async def serve(self, n: int) -> None:
+        for _ in range(n):
+            msg = await self.box.receive()
+            self.handled.append((msg, "queued", anyio.get_current_task().name))
+
+
+async def test_direct_dispatch_runs_in_the_senders_task_while_the_reader_is_parked() -> None:
+    box = Mailbox("t", 4)
+    reader = DirectReader(box)
+    box.send_nowait(1)  # nobody waits in receive(): queued
+    assert box.depth() == 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader.serve, 2, name="reader")
+        await anyio.wait_all_tasks_blocked()  # the reader took 1 and is parked again
+        box.send_nowait(2)
+        # handled before send_nowait returned, by this task, and nothing queued
+        assert reader.handled[-1] == (2, "direct", anyio.get_current_task().name)
+        assert box.depth() == 0
+        tg.cancel_scope.cancel()
+    assert [(m, how) for m, how, _ in reader.handled] == [(1, "queued"), (2, "direct")]
+
+
+async def test_direct_dispatch_never_overtakes_a_queued_message() -> None:
+    """A message the reader declines is queued; everything after it queues behind it until
+    the reader has drained the mailbox, so FIFO order holds."""
+    box = Mailbox("t", 8)
+    reader = DirectReader(box)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader.serve, 4, name="reader")
+        await anyio.wait_all_tasks_blocked()
+        box.send_nowait("declined")  # queued, the reader woken but not run yet
+        box.send_nowait(3)  # could be handled directly, but "declined" is ahead of it
+        box.send_nowait(4)
+        assert box.depth() == 3 and reader.handled == []
+        await anyio.wait_all_tasks_blocked()
+        box.send_nowait(5)  # drained and parked again: direct
+        tg.cancel_scope.cancel()
+    assert [(m, how) for m, how, _ in reader.handled] == [
+        ("declined", "queued"), (3, "queued"), (4, "queued"), (5, "direct")
+    ]
+
+
+async def test_a_send_from_inside_a_direct_handler_is_queued_not_nested() -> None:
+    box = Mailbox("t", 4)
+    reader = DirectReader(box)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader.serve, 1, name="reader")
+        await anyio.wait_all_tasks_blocked()
+        box.send_nowait(99)  # its handler sends 100 to the same mailbox
+        assert [(m, how) for m, how, _ in reader.handled] == [(99, "direct")]
+        assert box.depth() == 1
+    assert [(m, how) for m, how, _ in reader.handled] == [(99, "direct"), (100, "queued")]
+
+
+async def test_no_direct_dispatch_to_a_full_closed_or_cancelled_reader() -> None:
+    box = Mailbox("t", 1)
+    reader = DirectReader(box)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader.serve, 1, name="reader")
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()  # the parked reader is cancelled...
+    box.send_nowait(1)  # ...so it no longer counts as parked: queued
+    assert box.depth() == 1 and reader.handled == []
+    with pytest.raises(anyio.WouldBlock):
+        box.send_nowait(2)
+    box.close()
+    with pytest.raises(EngineClosedError):
+        box.send_nowait(3)
+    assert reader.handled == []

@@ -169,6 +169,7 @@ class LatestBatch:
 class QueryCache(Actor):
     name = "cache"
     state: Overlay
+    direct_types = frozenset((Accept, Read, QueryDone, Ingested))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -182,13 +183,17 @@ class QueryCache(Actor):
         self.state.reads.clear()
         self.state.inflight.clear()
         for msg in pending:
-            await self._read(msg)
+            self._read(msg)
 
     async def handle(self, msg: Any) -> None:
+        self.handle_now(msg)
+
+    def handle_now(self, msg: Any) -> None:
+        """Every message: nothing here awaits (backend queries run in child tasks)."""
         if isinstance(msg, Accept):
             self._accept(msg)
         elif isinstance(msg, Read):
-            await self._read(msg)
+            self._read(msg)
         elif isinstance(msg, QueryDone):
             if msg.owner is self:  # else: sent by the previous incarnation, whose reads run again
                 self._query_done(msg)
@@ -339,7 +344,7 @@ class QueryCache(Actor):
 
     # -- reads -------------------------------------------------------------
 
-    async def _read(self, msg: Read) -> None:
+    def _read(self, msg: Read) -> None:
         spec = msg.spec
         if spec.latest and spec.thread_ids is not None and spec.checkpoint_ns is not None:
             key = (spec.thread_ids[0], spec.checkpoint_ns)
