@@ -76,7 +76,7 @@ async def test_read_your_writes_while_ingestion_lags() -> None:
         assert saver.engine.stats()["overlay_records"] == 0
 
 
-async def test_reads_and_writes_reach_an_idle_query_cache_in_the_callers_task(anyio_backend: str) -> None:
+async def test_reads_and_writes_reach_an_idle_query_cache_in_the_callers_task(anyio_backend: str, turns: Any) -> None:
     """Direct dispatch: with the cache's mailbox empty and its task waiting for mail, a
     put's records and a cache-hit read are handled in the caller's task. On asyncio such a
     read then completes without letting any other task run (like InMemorySaver); on trio
@@ -85,24 +85,16 @@ async def test_reads_and_writes_reach_an_idle_query_cache_in_the_callers_task(an
     async with saver:
         await put_chain(saver, "warm", 2, check_reads=True)  # the first read made a view
         cache = saver.engine.runtime.mailboxes["cache"]  # type: ignore[union-attr]
-        ticks = 0
-
-        async def other() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await anyio.sleep(0)
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(other)
-            await anyio.sleep(0.01)  # other() is running
+            tg.start_soon(turns.run)
+            await anyio.sleep(0.01)  # turns.run is running
             hits = saver.engine.stats()["cache_hits"]
-            start = ticks
+            start = turns.count
             cfg = {"configurable": {"thread_id": "warm", "checkpoint_ns": ""}}
             for _ in range(50):
                 assert (await saver.aget_tuple(cfg)) is not None
                 assert cache.depth() == 0
-            yielded = ticks - start
+            yielded = turns.count - start
             tg.cancel_scope.cancel()
         assert saver.engine.stats()["cache_hits"] == hits + 50
         if anyio_backend == "asyncio":

@@ -138,26 +138,18 @@ async def test_close_receive_fails_blocked_senders() -> None:
     assert len(errors) == 1
 
 
-async def test_a_busy_reader_yields_to_other_tasks() -> None:
+async def test_a_busy_reader_yields_to_other_tasks(turns: Any) -> None:
     n = 5 * Mailbox.YIELD_EVERY + 10
     box = Mailbox("t", n)
     for i in range(n):
         box.send_nowait(i)
-    ticks = 0
-
-    async def other() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await anyio.sleep(0)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(other)
+        tg.start_soon(turns.run)
         await anyio.sleep(0)
-        start = ticks
+        start = turns.count
         for _ in range(n):
             await box.receive()
-        assert ticks - start >= n // Mailbox.YIELD_EVERY - 1
+        assert turns.count - start >= n // Mailbox.YIELD_EVERY - 1
         tg.cancel_scope.cancel()
 
 
@@ -336,6 +328,11 @@ class DirectReader:
             msg = await self.box.receive()
             self.handled.append((msg, "queued", anyio.get_current_task().name))
 
+    async def park(self, tg: Any, n: int) -> None:
+        """Serve ``n`` queued messages in a task of ``tg``; return once it waits in receive()."""
+        tg.start_soon(self.serve, n, name="reader")
+        await anyio.wait_all_tasks_blocked()
+
 
 async def test_direct_dispatch_runs_in_the_senders_task_while_the_reader_is_parked() -> None:
     box = Mailbox("t", 4)
@@ -343,8 +340,7 @@ async def test_direct_dispatch_runs_in_the_senders_task_while_the_reader_is_park
     box.send_nowait(1)  # nobody waits in receive(): queued
     assert box.depth() == 1
     async with anyio.create_task_group() as tg:
-        tg.start_soon(reader.serve, 2, name="reader")
-        await anyio.wait_all_tasks_blocked()  # the reader took 1 and is parked again
+        await reader.park(tg, 2)  # the reader took 1 and is parked again
         box.send_nowait(2)
         # handled before send_nowait returned, by this task, and nothing queued
         assert reader.handled[-1] == (2, "direct", anyio.get_current_task().name)
@@ -359,8 +355,7 @@ async def test_direct_dispatch_never_overtakes_a_queued_message() -> None:
     box = Mailbox("t", 8)
     reader = DirectReader(box)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(reader.serve, 4, name="reader")
-        await anyio.wait_all_tasks_blocked()
+        await reader.park(tg, 4)
         box.send_nowait("declined")  # queued, the reader woken but not run yet
         box.send_nowait(3)  # could be handled directly, but "declined" is ahead of it
         box.send_nowait(4)
@@ -377,8 +372,7 @@ async def test_a_send_from_inside_a_direct_handler_is_queued_not_nested() -> Non
     box = Mailbox("t", 4)
     reader = DirectReader(box)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(reader.serve, 1, name="reader")
-        await anyio.wait_all_tasks_blocked()
+        await reader.park(tg, 1)
         box.send_nowait(99)  # its handler sends 100 to the same mailbox
         assert [(m, how) for m, how, _ in reader.handled] == [(99, "direct")]
         assert box.depth() == 1
@@ -389,8 +383,7 @@ async def test_no_direct_dispatch_to_a_full_closed_or_cancelled_reader() -> None
     box = Mailbox("t", 1)
     reader = DirectReader(box)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(reader.serve, 1, name="reader")
-        await anyio.wait_all_tasks_blocked()
+        await reader.park(tg, 1)
         tg.cancel_scope.cancel()  # the parked reader is cancelled...
     box.send_nowait(1)  # ...so it no longer counts as parked: queued
     assert box.depth() == 1 and reader.handled == []
