@@ -157,7 +157,7 @@ class Mailbox:
             raise EngineClosedError(f"the {self.name} mailbox is closed")
         if len(self._buf) >= self.size:
             raise anyio.WouldBlock
-        if self._parked and self.direct is not None and not self._buf and not self._redeliver and not self._directing:
+        if self.direct is not None and self._parked and not self._buf and not self._redeliver and not self._directing:
             # direct dispatch: the reader is parked with nothing queued, so handling the
             # message now, in the sender's task, is what the reader would do next, and no
             # message sent earlier is overtaken
@@ -244,7 +244,7 @@ class Mailbox:
     def interrupt(self, msg: Any) -> None:
         """Put ``msg`` at the very front and wake the reader (a direct dispatch that crashed
         hands the crash to the reader's own task this way)."""
-        self._redeliver.appendleft(msg)
+        self.redeliver(msg)
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.set()

@@ -85,6 +85,16 @@ async def test_reads_and_writes_reach_an_idle_query_cache_in_the_callers_task(an
     async with saver:
         await put_chain(saver, "warm", 2, check_reads=True)  # the first read made a view
         cache = saver.engine.runtime.mailboxes["cache"]  # type: ignore[union-attr]
+        handled = []  # the messages the cache took in the sender's task
+        direct = cache.direct
+
+        def counting(msg: Any) -> bool:
+            taken = direct(msg)
+            if taken:
+                handled.append(type(msg).__name__)
+            return taken  # type: ignore[no-any-return]
+
+        cache.direct = counting
         async with anyio.create_task_group() as tg:
             tg.start_soon(turns.run)
             await anyio.sleep(0.01)  # turns.run is running
@@ -97,6 +107,9 @@ async def test_reads_and_writes_reach_an_idle_query_cache_in_the_callers_task(an
             yielded = turns.count - start
             tg.cancel_scope.cancel()
         assert saver.engine.stats()["cache_hits"] == hits + 50
+        assert handled == ["Read"] * 50
+        await put_chain(saver, "warm2", 1)
+        assert handled[50:] == ["Accept"] * 2  # the put's and the write's records
         if anyio_backend == "asyncio":
             assert yielded == 0
         else:
@@ -131,7 +144,6 @@ async def test_a_crash_in_a_directly_dispatched_message_restarts_the_cache_and_l
         assert saver.engine.restarts["cache"] == 2
         assert await stored_ids(saver, "t") == ids[::-1]
         await saver.flush()
-    assert saver.engine.restarts["cache"] == 2
 
 
 async def test_reads_after_reopen_come_from_the_store(tmp_path: Any) -> None:
