@@ -173,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--memory-bound-bytes", type=_size, default=reports.DEFAULT_MEMORY_BOUND,
                      help="memory-bound: max_buffered_bytes for the stalled-backend run (e.g. 32MiB)")
     rep.add_argument("--rounds", "--telemetry-rounds", dest="rounds", type=_positive_int, metavar="N",
-                     help="latency-hiding and telemetry: interleaved rounds of every variant, the order reversed "
-                     "every other round; each ratio is the median of the rounds' own ratios (default: "
-                     f"{reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry); "
+                     help="latency-hiding, scale and telemetry: interleaved rounds of every variant (scale: of both "
+                     "agent counts), the order reversed every other round; each ratio is the median of the rounds' own "
+                     f"ratios (default: {reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_SCALE_ROUNDS} "
+                     f"for scale, {reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry); "
                      "sweep: every point N times, the points' order reversed every other round, each point's "
                      "figures from its run with the median throughput (default: 1); "
                      "run (with the baselines): ours and InMemorySaver N-1 more times, the InMemorySaver ratio "
@@ -533,7 +534,8 @@ async def _run_report(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_e
     if kind == "latency-hiding":
         return await reports.report_latency_hiding(cfg, on_event, rounds=args.rounds or reports.DEFAULT_HIDING_ROUNDS)
     if kind == "scale":
-        return await reports.report_scale(cfg, on_event, large_agents=args.scale_agents)
+        return await reports.report_scale(cfg, on_event, large_agents=args.scale_agents,
+                                          rounds=args.rounds or reports.DEFAULT_SCALE_ROUNDS)
     if kind == "memory-bound":
         return await reports.report_memory_bound(cfg, on_event, bound=args.memory_bound_bytes)
     if kind == "telemetry":

@@ -298,7 +298,7 @@ def test_durability_report_covers_every_mode_the_engine_accepts() -> None:
 
 
 def test_scale_report_reports_both_sizes() -> None:
-    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "scale", "--scale-agents", "7", "-q"])
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "scale", "--scale-agents", "7", "--rounds", "1", "-q"])
     assert code == 0, text
     assert res["agents"] == [3, 7]
     assert res["rss"]["small"]["peak_rss_bytes"] > 0 and res["rss"]["large"]["peak_rss_bytes"] > 0
@@ -320,6 +320,27 @@ def test_scale_report_reports_both_sizes() -> None:
     fs = res["runs"]["3_agents"]["results"]["memory-yield"]
     assert fl["verification"]["ok"] == 3 and fs["verification"]["ok"] == 3 and fl["ops"] == 7 * 2
     assert floor["ratio"] == pytest.approx(fl["checkpoints_per_s"] / fs["checkpoints_per_s"])
+
+
+def test_scale_report_judges_the_median_of_interleaved_rounds() -> None:
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "scale", "--scale-agents", "7",
+                               "--rounds", "3", "--no-compare", "-q"])
+    assert code == 0, text
+    assert res["rounds"] == 3
+    assert set(res["runs"]) == {"3_agents", "7_agents", "3_agents, round 2", "7_agents, round 2",
+                                "3_agents, round 3", "7_agents, round 3"}
+    assert list(res["runs"])[2:4] == ["7_agents, round 2", "3_agents, round 2"]  # every other round reversed
+
+    def cps(n: int, name: str) -> float:
+        return res["runs"][name]["results"][f"kusto-{n}-agents"]["checkpoints_per_s"]
+
+    ratios = [cps(7, f"7_agents{s}") / cps(3, f"3_agents{s}") for s in ("", ", round 2", ", round 3")]
+    (c,) = res["checks"]
+    assert c["ratio"] == pytest.approx(statistics.median(ratios))
+    assert c["ours"]["value"] == pytest.approx(statistics.median(cps(7, n) for n in res["runs"] if n.startswith("7")))
+    assert c["note"].startswith("median of 3 interleaved rounds' ratios")
+    large_peaks = [r["results"]["kusto-7-agents"]["peak_rss_bytes"] for k, r in res["runs"].items() if k.startswith("7_")]
+    assert res["rss"]["large"]["peak_rss_bytes"] == max(large_peaks)
 
 
 def test_run_with_rounds_judges_in_memory_saver_on_the_median_of_paired_ratios() -> None:
