@@ -30,7 +30,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -815,18 +815,19 @@ async def run_targets(
             on_event(event)
 
     started = time.perf_counter()
-    if cfg.warmup:
-        await warm_up(cfg)
     run_id = uuid.uuid4().hex[:8]
-    expected_per_thread = await wl.reference_checkpoints_per_thread(cfg.workload, cfg.steps, cfg.shape)
     workdir = tempfile.mkdtemp(prefix="kusto-loadtest-")
     results: dict[str, dict[str, Any]] = {}
     try:
-        targets = make_targets(workdir) if make_targets else default_targets(cfg, workdir)
-        for n, target in enumerate(targets):
-            # each target its own thread ids: targets sharing a cluster or a database never collide
-            thread_ids = [f"lt-{run_id}{n}-{i:05d}" for i in range(cfg.agents)]
-            results[target.key] = await run_target(target, cfg, thread_ids, expected_per_thread, emit, hooks)
+        with interpreter_settings(cfg.engine_options) as settings:
+            if cfg.warmup:
+                await warm_up(cfg)
+            expected_per_thread = await wl.reference_checkpoints_per_thread(cfg.workload, cfg.steps, cfg.shape)
+            targets = make_targets(workdir) if make_targets else default_targets(cfg, workdir)
+            for n, target in enumerate(targets):
+                # each target its own thread ids: targets sharing a cluster or a database never collide
+                thread_ids = [f"lt-{run_id}{n}-{i:05d}" for i in range(cfg.agents)]
+                results[target.key] = await run_target(target, cfg, thread_ids, expected_per_thread, emit, hooks)
     finally:
         if cfg.keep:
             kept = workdir
@@ -838,6 +839,7 @@ async def run_targets(
         "run_id": run_id,
         "config": asdict(cfg),
         "environment": environment(),
+        "interpreter_settings": settings,
         "expected_checkpoints_per_thread": expected_per_thread,
         "workdir": kept,
         "results": results,
@@ -846,6 +848,29 @@ async def run_targets(
         "process_peak_rss_bytes": process_peak_rss(),
         "passed": passed,
     }
+
+
+@contextlib.contextmanager
+def interpreter_settings(engine_options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Holds the process-wide settings the run's engine options ask for
+    (``gc_threshold``, ``switch_interval``) for the whole run, so that every saver of
+    the run, the baselines too, runs under them: an engine holds them only while it is
+    open, and a baseline run after it closed would otherwise run under the
+    interpreter's defaults and be compared as if it had not. Yields the settings in
+    force (as the interpreter reads them back)."""
+    from langgraph.checkpoint.kusto import EngineConfig
+    from langgraph.checkpoint.kusto.engine import interpreter
+
+    held = interpreter.asked_for(EngineConfig.from_options(**engine_options))
+    acquired = []
+    try:
+        for setting, value in held:
+            setting.acquire(value)
+            acquired.append((setting, value))
+        yield {"gc_threshold": list(gc.get_threshold()), "switch_interval": sys.getswitchinterval()}
+    finally:
+        for setting, value in reversed(acquired):
+            setting.release(value)
 
 
 _warmed: set[str] = set()

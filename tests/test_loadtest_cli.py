@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import subprocess
@@ -101,6 +102,32 @@ def test_gc_threshold_option_reaches_the_engine_and_is_restored() -> None:
     assert res["config"]["engine_options"] == {"gc_threshold": [100000, 50, 1000]}
     assert res["results"]["kusto"]["engine_options"] == {"gc_threshold": [100000, 50, 1000]}
     assert gc.get_threshold() == before  # held only while our engine was open
+
+
+def test_baselines_run_under_the_interpreter_settings_the_engine_options_ask_for() -> None:
+    """A baseline compared with ours runs under the same gc thresholds and switch interval."""
+    import gc
+
+    from langgraph.checkpoint.kusto.loadtests import runner
+
+    seen: dict[str, tuple] = {}
+
+    class Seen(runner.RunHooks):
+        async def opened(self, target, saver) -> None:  # type: ignore[no-untyped-def]
+            seen[target.key] = (gc.get_threshold(), sys.getswitchinterval())
+
+    before = (gc.get_threshold(), sys.getswitchinterval())
+    asked = ((100000, 50, 1000), 0.001)
+    assert before != asked
+    cfg = runner.LoadTestConfig(agents=2, steps=2, workload="raw", compare=True, warmup=False,
+                                engine_options={"gc_threshold": [100000, 50, 1000], "switch_interval": 0.001})
+    res = asyncio.run(runner.run_targets(cfg, hooks=Seen()))
+    assert res["passed"]
+    assert set(seen) == {"kusto", "memory", "memory-yield", "sqlite"}
+    for key, (thresholds, interval) in seen.items():
+        assert thresholds == asked[0] and interval == pytest.approx(asked[1]), key
+    assert res["interpreter_settings"] == {"gc_threshold": [100000, 50, 1000], "switch_interval": pytest.approx(0.001)}
+    assert (gc.get_threshold(), sys.getswitchinterval()) == before  # restored after the run
 
 
 @pytest.mark.parametrize(
