@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "run (with the baselines): ours and InMemorySaver N-1 more times, the InMemorySaver ratio "
                      f"their median (default: 1; {reports.DEFAULT_COMPARE_ROUNDS} in the acceptance's raw and graph sections)")
     rep.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                     help="acceptance: run each section in a fresh Python process (clean RSS figures)")
+                     help="acceptance: run each section in a fresh Python process (clean RSS figures); "
+                     "scale: each run (one agent count, one round) in a fresh Python process, so that no run "
+                     "inherits another's heap")
     rep.add_argument("--strict", action="store_true", help="acceptance: exit 1 when a target is missed")
 
     out = p.add_argument_group("output")
@@ -535,7 +537,8 @@ async def _run_report(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_e
         return await reports.report_latency_hiding(cfg, on_event, rounds=args.rounds or reports.DEFAULT_HIDING_ROUNDS)
     if kind == "scale":
         return await reports.report_scale(cfg, on_event, large_agents=args.scale_agents,
-                                          rounds=args.rounds or reports.DEFAULT_SCALE_ROUNDS)
+                                          rounds=args.rounds or reports.DEFAULT_SCALE_ROUNDS,
+                                          fresh_processes=args.isolate)
     if kind == "memory-bound":
         return await reports.report_memory_bound(cfg, on_event, bound=args.memory_bound_bytes)
     if kind == "telemetry":
@@ -551,7 +554,7 @@ def _acceptance(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: 
     started = time.perf_counter()
     sections: dict[str, dict[str, Any]] = {}
     opts = {"scale_agents": args.scale_agents, "memory_bound": args.memory_bound_bytes,
-            "rounds": args.rounds}
+            "rounds": args.rounds, "isolate": args.isolate}
     for name in reports.ACCEPTANCE_SECTIONS:
         if not args.quiet:
             print(f"== acceptance section: {name} ==", file=err, flush=True)

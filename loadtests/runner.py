@@ -846,6 +846,7 @@ async def run_targets(
         "comparison": compare(results),
         "total_s": time.perf_counter() - started,
         "process_peak_rss_bytes": process_peak_rss(),
+        "pid": os.getpid(),
         "passed": passed,
     }
 

@@ -8,6 +8,7 @@ was injected, buffered bytes never exceed the bound, every thread verifies).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -298,9 +299,11 @@ def test_durability_report_covers_every_mode_the_engine_accepts() -> None:
 
 
 def test_scale_report_reports_both_sizes() -> None:
-    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "scale", "--scale-agents", "7", "--rounds", "1", "-q"])
+    code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "scale", "--scale-agents", "7", "--rounds", "1",
+                               "--no-isolate", "-q"])
     assert code == 0, text
-    assert res["agents"] == [3, 7]
+    assert res["agents"] == [3, 7] and res["fresh_processes"] is False
+    assert {r["pid"] for r in res["runs"].values()} == {os.getpid()}
     assert res["rss"]["small"]["peak_rss_bytes"] > 0 and res["rss"]["large"]["peak_rss_bytes"] > 0
     large = res["runs"]["7_agents"]["results"]["kusto-7-agents"]
     assert large["verification"]["threads"] == 3  # a sample as large as the small run
@@ -326,7 +329,10 @@ def test_scale_report_judges_the_median_of_interleaved_rounds() -> None:
     code, res, text, _ = _run([*TINY, "--workload", "raw", "--report", "scale", "--scale-agents", "7",
                                "--rounds", "3", "--no-compare", "-q"])
     assert code == 0, text
-    assert res["rounds"] == 3
+    assert res["rounds"] == 3 and res["fresh_processes"] is True
+    # every run in a Python process of its own (--isolate, the default), none of them this one
+    pids = [r["pid"] for r in res["runs"].values()]
+    assert len(set(pids)) == 6 and os.getpid() not in pids
     assert set(res["runs"]) == {"3_agents", "7_agents", "3_agents, round 2", "7_agents, round 2",
                                 "3_agents, round 3", "7_agents, round 3"}
     assert list(res["runs"])[2:4] == ["7_agents, round 2", "3_agents, round 2"]  # every other round reversed
@@ -342,6 +348,18 @@ def test_scale_report_judges_the_median_of_interleaved_rounds() -> None:
     # peak RSS from round 1, where the small size ran first in the process
     assert res["rss"]["small"]["peak_rss_bytes"] == res["runs"]["3_agents"]["results"]["kusto-3-agents"]["peak_rss_bytes"]
     assert res["rss"]["large"]["peak_rss_bytes"] == res["runs"]["7_agents"]["results"]["kusto-7-agents"]["peak_rss_bytes"]
+
+
+def test_scale_runs_in_fresh_processes_pass_their_events_on() -> None:
+    events: list[dict] = []
+    cfg = runner.LoadTestConfig(agents=2, steps=2, workload="raw", warmup=False)
+    res = asyncio.run(reports.report_scale(cfg, events.append, large_agents=4, rounds=1, fresh_processes=True))
+    assert res["passed"] is True
+    every_target = sorted(["kusto-2-agents", "memory-yield", "kusto-4-agents", "memory-yield"])
+    for kind in ("start", "written", "verified"):
+        assert sorted(e["target"] for e in events if e["event"] == kind) == every_target, kind
+    pids = {res["runs"]["2_agents"]["pid"], res["runs"]["4_agents"]["pid"], os.getpid()}
+    assert len(pids) == 3
 
 
 def test_run_with_rounds_judges_in_memory_saver_on_the_median_of_paired_ratios() -> None:
