@@ -429,6 +429,8 @@ def _fig(v: float | None, unit: str) -> str:
         return "n/a"
     if unit == "bytes":
         return mib(v)
+    if unit.startswith("x "):  # a ratio as a figure: "0.43x the yielding InMemorySaver"
+        return f"{v:.2f}{unit}"
     return f"{v:,.1f} {unit}"
 
 

@@ -340,6 +340,28 @@ async def report_scale(
             note=how + "no target: what the same agent counts cost a saver that stores nothing but yields once "
                  "per read; round 1: " + "; ".join(_gc_share(r, n) for r, n in ((fl, large_agents), (fs, cfg.agents))),
         ))
+        # what is left once the interpreter's own share is taken out: ours against that
+        # saver at each size, in the same round (and, with fresh_processes, the same process)
+        def against_floor(n: int) -> list[float | None]:
+            return [ratio(_res(r[n], f"kusto-{n}-agents").get("checkpoints_per_s"),
+                          _res(r[n], "memory-yield").get("checkpoints_per_s")) for r in per_round]
+
+        at_small, at_large = against_floor(cfg.agents), against_floor(large_agents)
+        ratios = [q for q in (ratio(lg, sm) for sm, lg in zip(at_small, at_large)) if q is not None]
+
+        def med(vals: list[float | None]) -> float | None:
+            vals = [v for v in vals if v is not None]
+            return statistics.median(vals) if vals else None
+
+        checks.append(check(
+            f"scale, ours / {runner.LABELS['memory-yield']}: at {large_agents} agents / at {cfg.agents}",
+            ratio_value=statistics.median(ratios) if ratios else None, target=None,
+            ours=(f"{large_agents} agents", med(at_large), "x the yielding InMemorySaver"),
+            base=(f"{cfg.agents} agents", med(at_small), "x the yielding InMemorySaver"),
+            note=(_rounds_note(ratios) + "; " if rounds > 1 else "") + "no target: how our throughput scales "
+                 "relative to a saver that stores nothing but yields once per read (1.0x: our per-operation cost "
+                 "grows no more with the agent count than the interpreter's own)",
+        ))
     passed = all(r["passed"] for r in runs.values())
     return {"report": "scale", "config": asdict(cfg), "agents": [cfg.agents, large_agents], "rounds": rounds,
             "fresh_processes": fresh_processes, "rss": rss, "runs": runs, "checks": checks, "passed": passed}

@@ -323,6 +323,14 @@ def test_scale_report_reports_both_sizes() -> None:
     fs = res["runs"]["3_agents"]["results"]["memory-yield"]
     assert fl["verification"]["ok"] == 3 and fs["verification"]["ok"] == 3 and fl["ops"] == 7 * 2
     assert floor["ratio"] == pytest.approx(fl["checkpoints_per_s"] / fs["checkpoints_per_s"])
+    # and ours against it at each size: how our own cost scales, the interpreter's taken out
+    ours_l = res["runs"]["7_agents"]["results"]["kusto-7-agents"]["checkpoints_per_s"] / fl["checkpoints_per_s"]
+    ours_s = small["checkpoints_per_s"] / fs["checkpoints_per_s"]
+    rel = res["checks"][2]
+    assert rel["name"] == "scale, ours / InMemorySaver, reads yield once: at 7 agents / at 3" and rel["passed"] is None
+    assert rel["ours"]["value"] == pytest.approx(ours_l) and rel["base"]["value"] == pytest.approx(ours_s)
+    assert rel["ratio"] == pytest.approx(ours_l / ours_s)
+    assert "x the yielding InMemorySaver (7 agents)" in text
 
 
 def test_scale_report_judges_the_median_of_interleaved_rounds() -> None:
