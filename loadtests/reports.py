@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -232,10 +232,15 @@ async def interleaved_rounds(
     return runs
 
 
+def _median(vals: Iterable[float | None]) -> float | None:
+    """The median of the figures that were measured (None: none was)."""
+    present = [v for v in vals if v is not None]
+    return statistics.median(present) if present else None
+
+
 def median_over(runs: dict[str, dict[str, Any]], key: str, metric: str) -> float | None:
     """The median of one variant's ``metric`` over the rounds."""
-    vals = [v for v in (_res(r, key).get(metric) for r in runs.values()) if v is not None]
-    return statistics.median(vals) if vals else None
+    return _median(_res(r, key).get(metric) for r in runs.values())
 
 
 def paired_ratio(runs: dict[str, dict[str, Any]], key: str, base_key: str, metric: str) -> tuple[float | None, list[float]]:
@@ -244,7 +249,7 @@ def paired_ratio(runs: dict[str, dict[str, Any]], key: str, base_key: str, metri
         q for q in (ratio(_res(r, key).get(metric), _res(r, base_key).get(metric)) for r in runs.values())
         if q is not None
     ]
-    return (statistics.median(per_round) if per_round else None), per_round
+    return _median(per_round), per_round
 
 
 def _rounds_note(per_round: Sequence[float]) -> str:
@@ -298,12 +303,7 @@ async def report_scale(
         """(median ratio of the rounds, median small, median large, the rounds' ratios)"""
         small, large = sized(key.format(n=cfg.agents), cfg.agents), sized(key.format(n=large_agents), large_agents)
         ratios = [q for q in (ratio(lg.get(metric), sm.get(metric)) for sm, lg in zip(small, large)) if q is not None]
-
-        def med(rs: list[dict[str, Any]]) -> float | None:
-            vals = [r[metric] for r in rs if r.get(metric) is not None]
-            return statistics.median(vals) if vals else None
-
-        return (statistics.median(ratios) if ratios else None), med(small), med(large), ratios
+        return _median(ratios), _median(r.get(metric) for r in small), _median(r.get(metric) for r in large), ratios
 
     # peak RSS from round 1, where the small size runs first in the process: after a
     # large run the process keeps much of its memory, and a later small run's peak
@@ -348,16 +348,11 @@ async def report_scale(
 
         at_small, at_large = against_floor(cfg.agents), against_floor(large_agents)
         ratios = [q for q in (ratio(lg, sm) for sm, lg in zip(at_small, at_large)) if q is not None]
-
-        def med(vals: list[float | None]) -> float | None:
-            vals = [v for v in vals if v is not None]
-            return statistics.median(vals) if vals else None
-
         checks.append(check(
             f"scale, ours / {runner.LABELS['memory-yield']}: at {large_agents} agents / at {cfg.agents}",
-            ratio_value=statistics.median(ratios) if ratios else None, target=None,
-            ours=(f"{large_agents} agents", med(at_large), "x the yielding InMemorySaver"),
-            base=(f"{cfg.agents} agents", med(at_small), "x the yielding InMemorySaver"),
+            ratio_value=_median(ratios), target=None,
+            ours=(f"{large_agents} agents", _median(at_large), "x the yielding InMemorySaver"),
+            base=(f"{cfg.agents} agents", _median(at_small), "x the yielding InMemorySaver"),
             note=(_rounds_note(ratios) + "; " if rounds > 1 else "") + "no target: how our throughput scales "
                  "relative to a saver that stores nothing but yields once per read (1.0x: our per-operation cost "
                  "grows no more with the agent count than the interpreter's own)",
