@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import ConfigError
 
 SUPERVISION_STRATEGIES = ("one_for_one", "rest_for_one")
 DURABILITY_MODES = ("memory", "spool", "ingested")
+#: "shared": any replica may serve any turn; "sticky": each thread is served by one process
+CONSISTENCY_MODES = ("shared", "sticky")
 
 #: ``ingest_concurrency`` never defaults to fewer slots than this when the caller sets
 #: the memory bound, the batch cap or the queue (see :meth:`EngineConfig.from_options`)
@@ -64,10 +66,20 @@ class EngineConfig:
     retry_backoff_max: float = 10.0
     #: queries run against the backend at once
     query_concurrency: int = 8
-    #: threads (per namespace) whose latest state the query cache keeps
+    #: what other processes may do to the same threads (docs/consistency.md).
+    #: "shared": several replicas share the database and any of them may serve a
+    #: thread's next turn: every read of a thread's latest state asks the backend
+    #: (no cached "latest" or "no such thread" answer outlives the call), and the
+    #: savers' default durability is "ingested", so a turn that returned is visible
+    #: to every replica. "sticky": this process alone writes and deletes the threads it
+    #: serves (sticky sessions, or one process): reads are answered from the cache for
+    #: up to cache_ttl. None (default): "sticky" on a backend one process owns (the
+    #: embedded store), else "shared"
+    consistency: str | None = None
+    #: threads (per namespace) whose latest state the query cache keeps (sticky)
     cache_max_threads: int = 10_000
-    #: seconds a cached backend answer is trusted before it is read again
-    #: (other processes' writes to the same thread show up after at most this)
+    #: seconds a cached backend answer is trusted before it is read again, under
+    #: consistency="sticky" (unused under "shared": every latest read asks the backend)
     cache_ttl: float = 300.0
     #: seconds ingested rows stay in the read overlay after the backend acknowledged
     #: them (0 when the backend shows an acknowledged row at once, as the embedded
@@ -157,6 +169,11 @@ class EngineConfig:
                     f"as gc.set_threshold takes them, got {t!r}; to turn the collector off, call gc.disable() yourself"
                 )
             object.__setattr__(self, "gc_threshold", tuple(t))  # a list (JSON, a CLI) is kept as a tuple
+        if self.consistency is not None and self.consistency not in CONSISTENCY_MODES:
+            raise ConfigError(
+                f"consistency must be one of {CONSISTENCY_MODES} (or None: chosen by the backend), "
+                f"got {self.consistency!r}"
+            )
         if self.durability not in DURABILITY_MODES:
             raise ConfigError(
                 f"durability must be one of {DURABILITY_MODES}, got {self.durability!r}"
@@ -193,9 +210,27 @@ class EngineConfig:
         in_flight = (self.ingest_queue_size + 1 + self.ingest_concurrency) * self.max_batch_bytes
         return self.max_buffered_bytes - in_flight
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may write or delete this engine's threads."""
+        return self.consistency != "sticky"
+
+    def for_backend(self, backend: Any) -> EngineConfig:
+        """These settings with ``consistency`` chosen for ``backend`` when left to it:
+        "sticky" where one process owns the store (``backend.exclusive``), else "shared"."""
+        if self.consistency is not None:
+            return self
+        mode = "sticky" if getattr(backend, "exclusive", False) else "shared"
+        return replace(self, consistency=mode)
+
     @classmethod
-    def from_options(cls, **options: Any) -> EngineConfig:
+    def from_options(cls, backend: Any = None, **options: Any) -> EngineConfig:
         """The settings from keyword options, every one validated.
+
+        With ``backend``, ``consistency`` left unset is chosen for it
+        (:meth:`for_backend`), and under "shared" consistency ``durability`` left
+        unset is "ingested": a put returns once the backend holds it, so a turn that
+        returned is what any replica's next read shows.
 
         A caller who sets the memory bound, the batch cap or the queue but not
         ``ingest_concurrency`` gets as many ingest slots as three quarters of that bound
@@ -210,7 +245,13 @@ class EngineConfig:
             )
         if "ingest_concurrency" not in options and {"max_buffered_bytes", "max_batch_bytes", "ingest_queue_size"} & set(options):
             options = {**options, "ingest_concurrency": _fitting_concurrency(options)}
-        return cls(**options)
+        config = cls(**options)
+        if backend is None:
+            return config
+        config = config.for_backend(backend)
+        if config.shared and "durability" not in options:
+            config = replace(config, durability="ingested")
+        return config
 
 
 def _fitting_concurrency(options: dict[str, Any]) -> int:

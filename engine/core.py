@@ -25,6 +25,7 @@ from .actors.deleter import Deleter, make_put
 from .actors.ingestor import Ingestor, IngestorState
 from .actors.query_cache import Overlay, QueryCache
 from .backends.base import Backend
+from .clock import ThreadClock
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec
@@ -47,7 +48,9 @@ class Engine:
         *,
         instruments: Instruments | None = None,
     ) -> None:
-        self.config = config or EngineConfig()
+        self.config = (config or EngineConfig()).for_backend(backend)
+        #: stamps rows so that every host orders a thread's rows the same way
+        self.clock = ThreadClock()
         self.backend = backend
         self.instruments = instruments or Instruments(
             db_system=getattr(backend, "name", "kusto"),
@@ -84,6 +87,7 @@ class Engine:
             await self.backend.open()
             stack.push_async_callback(self.backend.close)
             rt = Runtime(cfg, self.backend, self.instruments)
+            rt.clock = self.clock
             rt.query_limiter = anyio.CapacityLimiter(cfg.query_concurrency)
             for name in ACTORS:
                 # the ingestor's queue is part of the memory bound: ingest_queue_size batches
@@ -408,6 +412,7 @@ class Engine:
             overlay_bytes=ov.nbytes,
             cache_hits=ov.hits,
             cache_misses=ov.misses,
+            forks=ov.forks,
             tombstones_compacted=self._states["deleter"].compacted,
             puts_waited=rt.puts_waited,
             put_wait_s=rt.put_wait_s,

@@ -22,50 +22,82 @@ let dead_threads = tomb | where scope == "{SCOPE_THREAD}" | summarize thread_del
 let dead_checkpoints = tomb | where scope == "{SCOPE_CHECKPOINT}" | summarize checkpoint_deleted_at = max(deleted_at) by thread_id, checkpoint_ns, checkpoint_id;
 let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;"""
 
-_CHECKPOINTS_BODY = f"""declare query_parameters(tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string);
-{_TOMBSTONE_LETS}
-{CHECKPOINTS.name}
+_CHECKPOINTS_PARAMS = (
+    "tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string, "
+    "before:string, before_at:datetime, has_before_at:bool"
+)
+
+#: The visible checkpoints: deduplicated, every tombstone honoured.
+_VISIBLE = f"""let visible = {CHECKPOINTS.name}
 | where (all_threads or thread_id in (tids)) and (any_ns or checkpoint_ns == ns) and (isempty(cid) or checkpoint_id == cid)
 | summarize arg_max(written_at, *) by thread_id, checkpoint_ns, checkpoint_id
 | join kind=leftouter dead_threads on thread_id
 | where isnull(thread_deleted_at) or written_at > thread_deleted_at
 | join kind=leftouter dead_checkpoints on thread_id, checkpoint_ns, checkpoint_id
 | where isnull(checkpoint_deleted_at) or written_at > checkpoint_deleted_at
-| join kind=leftanti dead_runs on run_id
-| project {{columns}}
-| order by checkpoint_id desc"""
+| join kind=leftanti dead_runs on run_id;"""
+
+#: What a read tells the engine's clock besides the rows: each thread's latest
+#: deletion (rows ``thread_id, tomb_at``; checkpoint rows have ``tomb_at`` null).
+_FLOORS = "let floors = dead_threads | where not(all_threads) | project thread_id, tomb_at = thread_deleted_at;"
+
+#: ``before``: the checkpoints older, in the list's order (``written_at``), than that
+#: checkpoint; its time comes from the caller when it knows it (``before_at``:
+#: accepted here, not ingested yet), else from the table.
+_BEFORE = f"""let before_cut = toscalar({CHECKPOINTS.name}
+| where isnotempty(before) and (all_threads or thread_id in (tids)) and (any_ns or checkpoint_ns == ns) and checkpoint_id == before
+| summarize max(written_at));"""
 
 
 def checkpoints_query(limit: int | None, with_values: bool) -> str:
-    """Visible checkpoints (deduplicated, tombstones honoured), newest first.
+    """Visible checkpoints (deduplicated, tombstones honoured), newest first, with
+    the threads' deletion times (:data:`_FLOORS`).
 
-    ``before`` is applied by the caller: Kusto has no ``<`` on strings (and
-    duckdb-kql no ``strcmp``), so no KQL both run could express it.
+    Newest is the highest ``written_at``: the engine's clock (engine/clock.py) stamps
+    a thread's rows in causal order on every host, where checkpoint ids come from the
+    writing host's clock. The union's rows come in no particular order: the caller
+    sorts; ``order by`` here only chooses which rows ``take`` keeps.
     """
-    columns = _CK_COLUMNS if with_values else "thread_id, checkpoint_ns, checkpoint_id, run_id, written_at"
-    text = _CHECKPOINTS_BODY.replace("{columns}", columns)
+    columns = _CK_COLUMNS if with_values else "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, run_id, written_at"
+    text = f"""declare query_parameters({_CHECKPOINTS_PARAMS});
+{_TOMBSTONE_LETS}
+{_VISIBLE}
+{_BEFORE}
+{_FLOORS}
+let page = visible
+| where isempty(before) or written_at < before_cut or (has_before_at and written_at < before_at)
+| project {columns}
+| order by written_at desc, checkpoint_id desc"""
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
         text += f"\n| take {int(limit)}"
-    return text
+    return text + ";\nunion page, floors"
 
 
 def latest_query() -> str:
-    """The latest visible checkpoint of each (thread, namespace) asked for.
+    """The latest visible checkpoint of each (thread, namespace) asked for, with the
+    threads' deletion times.
 
     One query answers the first reads of many threads at once (the query
     cache coalesces concurrent misses into it).
     """
-    body = _CHECKPOINTS_BODY.replace("{columns}", _CK_COLUMNS)
-    head, _, _ = body.rpartition("\n| project ")
-    return f"{head}\n| summarize arg_max(checkpoint_id, *) by thread_id, checkpoint_ns\n| project {_CK_COLUMNS}"
+    return f"""declare query_parameters({_CHECKPOINTS_PARAMS});
+{_TOMBSTONE_LETS}
+{_VISIBLE}
+{_FLOORS}
+let newest = visible
+| summarize arg_max(written_at, *) by thread_id, checkpoint_ns
+| project {_CK_COLUMNS};
+union newest, floors"""
 
 
 def checkpoints_params(
     thread_ids: tuple[str, ...] | None,
     checkpoint_ns: str | None,
     checkpoint_id: str | None,
+    before: str | None = None,
+    before_at: int | None = None,
 ) -> dict[str, Any]:
     return {
         "tids": list(thread_ids or ()),
@@ -73,24 +105,39 @@ def checkpoints_params(
         "ns": checkpoint_ns or "",
         "any_ns": checkpoint_ns is None,
         "cid": checkpoint_id or "",
+        "before": before or "",
+        "before_at": us_to_datetime(before_at or 0),
+        "has_before_at": before_at is not None,
     }
+
+
+#: The highest stamp of each thread asked for, in every table (a deletion is stamped
+#: above it: engine/clock.py).
+STAMPS_QUERY = f"""declare query_parameters(tids:dynamic);
+let c = {CHECKPOINTS.name} | where thread_id in (tids) | summarize t = max(written_at) by thread_id;
+let b = {BLOBS.name} | where thread_id in (tids) | summarize t = max(written_at) by thread_id;
+let w = {WRITES.name} | where thread_id in (tids) | summarize t = max(written_at) by thread_id;
+let d = {TOMBSTONES.name} | where thread_id in (tids) | summarize t = max(deleted_at) by thread_id;
+union c, b, w, d
+| summarize t = max(t) by thread_id"""
 
 
 #: Blobs and pending writes of a set of checkpoints, in one round trip. The
 #: filters select a superset (each column matched on its own list of values);
-#: the caller keeps the exact (thread, namespace, channel, version) keys.
+#: the caller keeps the exact (thread, namespace, channel, version) keys. A blob a
+#: thread deletion covers comes back flagged ``hidden_``: a checkpoint that still
+#: names it is not returned (never a state with a value missing).
 VALUES_QUERY = f"""declare query_parameters(tids:dynamic, channels:dynamic, versions:dynamic, cids:dynamic);
 let dead_threads = {TOMBSTONES.name} | where thread_id in (tids) and scope == "{SCOPE_THREAD}" | summarize thread_deleted_at = max(deleted_at) by thread_id;
 let blobs = {BLOBS.name}
 | where thread_id in (tids) and channel in (channels) and version in (versions)
 | join kind=leftouter dead_threads on thread_id
-| where isnull(thread_deleted_at) or written_at > thread_deleted_at
-| project kind_ = "blob", thread_id, checkpoint_ns, checkpoint_id = "", channel, version, task_id = "", task_path = "", idx = tolong(0), payload_type, payload, chunk, chunks, written_at;
+| project kind_ = "blob", thread_id, checkpoint_ns, checkpoint_id = "", channel, version, task_id = "", task_path = "", idx = tolong(0), payload_type, payload, chunk, chunks, written_at, hidden_ = isnotnull(thread_deleted_at) and written_at <= thread_deleted_at;
 let writes = {WRITES.name}
 | where thread_id in (tids) and checkpoint_id in (cids)
 | join kind=leftouter dead_threads on thread_id
 | where isnull(thread_deleted_at) or written_at > thread_deleted_at
-| project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at;
+| project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at, hidden_ = false;
 union blobs, writes"""
 
 
@@ -139,4 +186,5 @@ def all_templates() -> list[tuple[str, str]]:
         ("checkpoint_headers", checkpoints_query(None, False)),
         ("latest", latest_query()),
         ("values", VALUES_QUERY),
+        ("stamps", STAMPS_QUERY),
     ]

@@ -82,6 +82,8 @@ def values_from_rows(
     blobs: dict[tuple[str, str, str, str], BlobRec] = {}
     for (tid, ns, ch, ver, written_at), (head, parts) in blob_parts.items():
         payload, complete = _assemble(parts, int(head.get("chunks") or 1))
+        if head.get("hidden_"):  # covered by a thread deletion: its checkpoint is not visible
+            complete = False
         rec = BlobRec(tid, ns, ch, ver, head.get("payload_type") or "", payload, written_at, complete=complete)
         old = blobs.get(rec.key)
         if old is None or (rec.complete and (not old.complete or rec.written_at > old.written_at)):

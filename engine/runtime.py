@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 
 from .backends.base import Backend
+from .clock import ThreadClock
 from .config import EngineConfig
 from .errors import EngineFailedError
 from .mailbox import Admission, Mailbox, Reply, loop_event_class
@@ -41,6 +42,9 @@ class Runtime:
     #: puts that waited for room (backpressure), and their waits summed, in seconds
     puts_waited: int = 0
     put_wait_s: float = 0.0
+
+    #: the engine's per-thread clock (engine/clock.py): stamps rows, learns from reads
+    clock: ThreadClock = field(default_factory=ThreadClock)
 
     #: the event loop's Event class (``loop_event_class``: the runtime is built in the loop)
     new_event: Any = field(default_factory=loop_event_class)

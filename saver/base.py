@@ -61,7 +61,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         """``meter_provider`` / ``tracer_provider``: OpenTelemetry providers to report to
         (default: the global ones, i.e. the host's SDK, or no-op without one)."""
         super().__init__(serde=serde)
-        self.options = EngineConfig.from_options(**options)
+        self.options = EngineConfig.from_options(backend, **options)
         cap = getattr(backend, "max_value_size", None)
         if cap is not None and self.options.cell_limit > cap:
             raise ConfigError(
@@ -128,7 +128,8 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> dict[str, Any]:
         records, next_config = encode_put(
-            self.serde, config, checkpoint, metadata, new_versions, self.options.cell_limit
+            self.serde, config, checkpoint, metadata, new_versions, self.options.cell_limit,
+            self.engine.clock.stamp,
         )
         await self.engine.put(records, operation="put")  # type: ignore[arg-type]
         return next_config
@@ -136,7 +137,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
     async def _put_writes(
         self, config: Any, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
     ) -> None:
-        records = encode_writes(self.serde, config, writes, task_id, task_path)
+        records = encode_writes(self.serde, config, writes, task_id, task_path, self.engine.clock.stamp)
         if records:
             await self.engine.put(records, operation="put_writes")  # type: ignore[arg-type]
 

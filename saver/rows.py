@@ -9,7 +9,7 @@ text, Kusto having no binary column type; the embedded store keeps BLOBs).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -151,8 +151,12 @@ def encode_put(
     metadata: CheckpointMetadata,
     new_versions: ChannelVersions,
     cell_limit: int,
+    stamp: Callable[[str], int] | None = None,
 ) -> tuple[list[BlobRec | CheckpointRec], dict[str, Any]]:
-    """Records for one ``put``: the changed channels' blobs first, then the checkpoint."""
+    """Records for one ``put``: the changed channels' blobs first, then the checkpoint.
+
+    ``stamp(thread_id)`` gives the records' ``written_at`` (the engine's
+    :class:`~.engine.clock.ThreadClock`; default: this host's clock)."""
     tid, ns, parent = ids_of(config)
     assert tid is not None
     if not isinstance(checkpoint, Mapping) or "id" not in checkpoint:
@@ -163,7 +167,7 @@ def encode_put(
     _mapping(checkpoint.get("channel_versions", {}), "checkpoint['channel_versions']", keys="channel names")
     c = dict(checkpoint)
     values: Mapping[str, Any] = _mapping(c.pop("channel_values", None) or {}, "checkpoint['channel_values']")
-    written_at = now_us()
+    written_at = stamp(tid) if stamp is not None else now_us()
     records: list[BlobRec | CheckpointRec] = []
     new_v: dict[str, str] = {}
     for ch, ver in new_versions.items():
@@ -210,6 +214,7 @@ def encode_writes(
     writes: Sequence[tuple[str, Any]],
     task_id: str,
     task_path: str,
+    stamp: Callable[[str], int] | None = None,
 ) -> list[WriteRec]:
     tid, ns, cid = ids_of(config)
     assert tid is not None
@@ -227,7 +232,7 @@ def encode_writes(
         if not isinstance(w, (tuple, list)) or len(w) != 2 or not isinstance(w[0], str):
             raise ConfigError(f"writes must be (channel: str, value) pairs, got {w!r:.80}")
         _utf8(w[0], "a write's channel")
-    written_at = now_us()
+    written_at = stamp(tid) if stamp is not None else now_us()
     out = []
     for idx, (channel, value) in enumerate(writes):
         type_, payload = _dump(serde, value, f"the write to channel {channel!r}")

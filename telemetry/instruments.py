@@ -137,6 +137,11 @@ class _MeterInstruments:
             names.COMPACTION_FAILURES, unit="{failure}",
             description="Compaction passes that failed (tombstones keep reads right; the next pass retries)",
         )
+        self.forks = meter.create_counter(
+            names.FORKS, unit="{fork}",
+            description="Checkpoints seen becoming their parent's second child, by how they were seen "
+            "(put: written here from an older parent; read: a sibling of the one written here)",
+        )
         self.backpressure_wait = meter.create_histogram(
             names.BACKPRESSURE_WAIT, unit="s",
             description="Time a put spent blocked on the batcher's full mailbox",
@@ -299,6 +304,7 @@ class Instruments:
         self.actor_restarts = shared.actor_restarts
         self.backpressure_wait = shared.backpressure_wait
         self.compaction_failures = shared.compaction_failures
+        self.forks = shared.forks
         self.visibility_lag = shared.visibility_lag
 
     @classmethod

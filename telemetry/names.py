@@ -39,11 +39,16 @@ OUTCOME = "kusto_checkpoint.outcome"
 CACHE_RESULT = "kusto_checkpoint.cache.result"
 MESSAGE = "kusto_checkpoint.message"
 BATCH_ROWS_ATTR = "kusto_checkpoint.batch.rows"
+#: how a fork was seen: "put" (written here from a parent that already had a newer
+#: child) or "read" (the backend's newest checkpoint is a sibling of the one written here)
+FORK_SEEN_BY = "kusto_checkpoint.fork.seen_by"
 LINKS_DROPPED = "kusto_checkpoint.batch.links_dropped"
 
 # attribute values
 OUTCOME_OK = "ok"
 OUTCOME_FAILED = "failed"
+FORK_SEEN_BY_PUT = "put"
+FORK_SEEN_BY_READ = "read"
 CACHE_HIT = "hit"
 CACHE_MISS = "miss"
 OP_INGEST = "ingest"
@@ -69,12 +74,14 @@ CACHE_REQUESTS = "kusto_checkpoint.cache.requests"
 VISIBILITY_LAG = "kusto_checkpoint.visibility.lag"
 TOMBSTONES_PENDING = "kusto_checkpoint.tombstones.pending"
 COMPACTION_FAILURES = "kusto_checkpoint.compaction.failures"
+FORKS = "kusto_checkpoint.forks"
 
 #: every metric, in the README table's order
 METRICS = (
     OPERATION_DURATION, MAILBOX_DEPTH, MAILBOX_CAPACITY, BATCH_ROWS, BATCH_BYTES, INGEST_DURATION,
     INGEST_BATCHES, INGEST_RETRIES, QUERY_DURATION, ACTOR_RESTARTS, BACKPRESSURE_WAIT, BUFFERED_BYTES,
     OVERLAY_ROWS, OVERLAY_BYTES, CACHE_REQUESTS, VISIBILITY_LAG, TOMBSTONES_PENDING, COMPACTION_FAILURES,
+    FORKS,
 )
 
 # -- spans -------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from ..messages import (
     ReadSpec,
     Ticket,
 )
-from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, chunk_bytes, next_seq, now_us
+from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, chunk_bytes, next_seq, now_us, to_micros
+from ..retry import retrying
 from ..spool import encode_records
 from ..schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, WRITES
 
@@ -100,22 +101,28 @@ class Deleter(Actor):
         for msg in list(self.state.running.values()):
             self._start_op(msg)
 
-    def _start_op(self, msg: Prune | CopyThread) -> None:
+    def _start_op(self, msg: DeleteThreads | DeleteRuns | Prune | CopyThread) -> None:
         assert self.tg is not None
         self.state.running[id(msg)] = msg
-        self.tg.start_soon(self._prune if isinstance(msg, Prune) else self._copy, msg)
+        self.tg.start_soon(self._run_op, msg)
+
+    async def _run_op(self, msg: DeleteThreads | DeleteRuns | Prune | CopyThread) -> None:
+        """One operation in its own task; its outcome goes back to the caller."""
+        op, what = {
+            DeleteThreads: (self._delete, "delete_thread"),
+            DeleteRuns: (self._delete_runs, "delete_for_runs"),
+            Prune: (self._prune, "prune"),
+            CopyThread: (self._copy, "copy_thread"),
+        }[type(msg)]
+        try:
+            await op(msg)  # type: ignore[operator]
+        except Exception as exc:  # noqa: BLE001 - failed back to the caller
+            msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"{what} failed: {exc!r}"))  # type: ignore[union-attr]
+        self.state.running.pop(id(msg), None)
 
     async def handle(self, msg: Any) -> None:
         assert self.tg is not None
-        if isinstance(msg, DeleteThreads):
-            at = now_us()
-            tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at) for t in msg.thread_ids]
-            await self._write_tombstones(tombs, msg.reply)
-        elif isinstance(msg, DeleteRuns):
-            at = now_us()
-            tombs = [TombstoneRec(SCOPE_RUN, run_id=r, deleted_at=at) for r in msg.run_ids]
-            await self._write_tombstones(tombs, msg.reply)
-        elif isinstance(msg, (Prune, CopyThread)):
+        if isinstance(msg, (DeleteThreads, DeleteRuns, Prune, CopyThread)):
             self._start_op(msg)
         elif isinstance(msg, Compact):
             if not self._compacting:
@@ -125,13 +132,51 @@ class Deleter(Actor):
             raise TypeError(f"deleter got {msg!r}")
 
     async def _write_tombstones(self, tombs: list[TombstoneRec], reply: Any) -> None:
-        if not tombs:
-            if reply is not None:
-                reply.set(None)
+        """Hand the tombstones to the batcher (the overlay masks at once), and answer
+        once they are accepted, or, with durability="ingested" (the default under
+        consistency="shared"), once the backend holds them: every replica's next read
+        then honours them."""
+        await self._write(list(tombs), reply, tombstones=True)
+
+    async def _write(self, records: list[Record], reply: Any, *, tombstones: bool = False, update_views: bool = True) -> None:
+        """Hand records to the batcher. ``reply`` is answered once they are accepted, or
+        with durability="ingested" once the backend acknowledged them (or failed), by
+        the batcher and the ingestor: nothing here waits, so a crash of this actor after
+        the hand-over leaves the answer on its way."""
+        rt = self.runtime
+        if not records:
+            reply.set(None)
             return
-        ingested = self.runtime.reply()
-        await self.runtime.mailbox("batcher").send(make_put(self.runtime, list(tombs), reply, ticket_reply=ingested))
-        self.state.pending.append((tombs, ingested))
+        if rt.config.durability == "ingested":
+            done = reply
+            put = make_put(rt, records, None, ticket_reply=reply, update_views=update_views)
+        else:
+            done = rt.reply()
+            put = make_put(rt, records, reply, ticket_reply=done, update_views=update_views)
+        await rt.mailbox("batcher").send(put)
+        if tombstones:
+            self.state.pending.append((records, done))
+
+    async def _stamps_above(self, thread_ids: list[str]) -> dict[str, int]:
+        """For each thread, a stamp above every row it has in the backend (and every
+        stamp this process observed or issued for it): what a tombstone covering all of
+        it carries. Asks the backend, whatever this host's clock says (engine/clock.py)."""
+        rt = self.runtime
+        rows = await retrying(rt.config, lambda: rt.backend.query(kql.STAMPS_QUERY, {"tids": list(thread_ids)}))
+        for row in rows:
+            if row.get("t") is not None:
+                rt.clock.observe(row["thread_id"], to_micros(row["t"]))
+        return {t: rt.clock.stamp(t) for t in thread_ids}
+
+    async def _delete(self, msg: DeleteThreads) -> None:
+        at = await self._stamps_above(msg.thread_ids)
+        tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at[t]) for t in msg.thread_ids]
+        await self._write_tombstones(tombs, msg.reply)
+
+    async def _delete_runs(self, msg: DeleteRuns) -> None:
+        # a run tombstone covers the run's checkpoints whenever written: no stamp decides
+        at = now_us()
+        await self._write_tombstones([TombstoneRec(SCOPE_RUN, run_id=r, deleted_at=at) for r in msg.run_ids], msg.reply)
 
     async def _read(self, spec: ReadSpec) -> list[Any]:
         reply = self.runtime.reply()
@@ -139,63 +184,56 @@ class Deleter(Actor):
         return await reply.wait()  # type: ignore[no-any-return]
 
     async def _prune(self, msg: Prune) -> None:
-        try:
-            if msg.strategy == "delete":
-                at = now_us()
-                tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at) for t in msg.thread_ids]
-            else:
-                heads = await self._read(ReadSpec(tuple(msg.thread_ids), None, with_values=False))
-                latest: dict[tuple[str, str], str] = {}
-                for b in heads:
-                    c = b.checkpoint
-                    k = (c.thread_id, c.checkpoint_ns)
-                    if c.checkpoint_id > latest.get(k, ""):
-                        latest[k] = c.checkpoint_id
-                at = now_us()
-                tombs = [
-                    TombstoneRec(
-                        SCOPE_CHECKPOINT, thread_id=b.checkpoint.thread_id,
-                        checkpoint_ns=b.checkpoint.checkpoint_ns,
-                        checkpoint_id=b.checkpoint.checkpoint_id, deleted_at=at,
-                    )
-                    for b in heads
-                    if b.checkpoint.checkpoint_id != latest[(b.checkpoint.thread_id, b.checkpoint.checkpoint_ns)]
-                ]
-            await self._write_tombstones(tombs, msg.reply)
-        except Exception as exc:  # noqa: BLE001 - failed back to the caller
-            msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"prune failed: {exc!r}"))
-        self.state.running.pop(id(msg), None)
+        if msg.strategy == "delete":
+            at = await self._stamps_above(msg.thread_ids)
+            tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at[t]) for t in msg.thread_ids]
+        else:
+            # the read's rows are newest first (written_at, then id), and it taught
+            # the clock their stamps: a checkpoint tombstone is stamped above them
+            heads = await self._read(ReadSpec(tuple(msg.thread_ids), None, with_values=False))
+            latest: dict[tuple[str, str], str] = {}
+            for b in heads:
+                c = b.checkpoint
+                latest.setdefault((c.thread_id, c.checkpoint_ns), c.checkpoint_id)
+            clock = self.runtime.clock
+            tombs = [
+                TombstoneRec(
+                    SCOPE_CHECKPOINT, thread_id=b.checkpoint.thread_id,
+                    checkpoint_ns=b.checkpoint.checkpoint_ns,
+                    checkpoint_id=b.checkpoint.checkpoint_id, deleted_at=clock.stamp(b.checkpoint.thread_id),
+                )
+                for b in heads
+                if b.checkpoint.checkpoint_id != latest[(b.checkpoint.thread_id, b.checkpoint.checkpoint_ns)]
+            ]
+        await self._write_tombstones(tombs, msg.reply)
 
     async def _copy(self, msg: CopyThread) -> None:
-        try:
-            bundles = await self._read(ReadSpec((msg.source,), None))
-            at = now_us()
-            records: list[Record] = []
-            seen_blobs: set[tuple[str, str, str]] = set()
-            for b in reversed(bundles):  # oldest first
-                c = b.checkpoint
-                for (ch, ver), blob in b.blobs.items():
-                    if (c.checkpoint_ns, ch, ver) in seen_blobs:
-                        continue
-                    seen_blobs.add((c.checkpoint_ns, ch, ver))
-                    records.append(BlobRec(msg.target, c.checkpoint_ns, ch, ver, blob.payload_type, blob.payload, at))
-                records.append(CheckpointRec(
-                    msg.target, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, c.run_id,
-                    dict(c.channel_versions), dict(c.new_versions), c.metadata_json,
-                    c.payload_type, c.payload, at,
+        bundles = await self._read(ReadSpec((msg.source,), None))
+        # the copies keep the source's order: each checkpoint stamped above the one
+        # before it, and above whatever the target thread held (a deleted thread)
+        await self._stamps_above([msg.target])
+        clock = self.runtime.clock
+        records: list[Record] = []
+        seen_blobs: set[tuple[str, str, str]] = set()
+        for b in reversed(bundles):  # oldest first
+            c = b.checkpoint
+            at = clock.stamp(msg.target)
+            for (ch, ver), blob in b.blobs.items():
+                if (c.checkpoint_ns, ch, ver) in seen_blobs:
+                    continue
+                seen_blobs.add((c.checkpoint_ns, ch, ver))
+                records.append(BlobRec(msg.target, c.checkpoint_ns, ch, ver, blob.payload_type, blob.payload, at))
+            records.append(CheckpointRec(
+                msg.target, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id, c.run_id,
+                dict(c.channel_versions), dict(c.new_versions), c.metadata_json,
+                c.payload_type, c.payload, at,
+            ))
+            for w in b.writes:
+                records.append(WriteRec(
+                    msg.target, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.task_path, w.idx,
+                    w.channel, w.payload_type, w.payload, at,
                 ))
-                for w in b.writes:
-                    records.append(WriteRec(
-                        msg.target, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.task_path, w.idx,
-                        w.channel, w.payload_type, w.payload, at,
-                    ))
-            if records:
-                await self.runtime.mailbox("batcher").send(make_put(self.runtime, records, msg.reply, update_views=False))
-            else:
-                msg.reply.set(None)
-        except Exception as exc:  # noqa: BLE001 - failed back to the caller
-            msg.reply.fail(exc if isinstance(exc, KustoCheckpointError) else KustoCheckpointError(f"copy_thread failed: {exc!r}"))
-        self.state.running.pop(id(msg), None)
+        await self._write(records, msg.reply, update_views=False)
 
     # -- compaction --------------------------------------------------------
 

@@ -32,6 +32,7 @@ from typing import Any
 from ...telemetry import names
 from .. import kql
 from ..actor import Actor
+from ..clock import ThreadClock
 from ..errors import BackendError
 from ..messages import Accept, Ingested, QueryDone, Read, ReadSpec
 from ..reads import checkpoint_from_row, values_from_rows
@@ -69,6 +70,8 @@ class Overlay:
     reads: dict[int, Read] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
+    #: forks seen (a checkpoint that became its parent's second child)
+    forks: int = 0
 
     # -- add / remove ------------------------------------------------------
 
@@ -123,7 +126,10 @@ class Overlay:
     def row_covered(self, thread_id: str, written_at: int) -> bool:
         return any(t.covers_thread_row(thread_id, written_at) for t in self.tombs.values())
 
-    def checkpoints(self, spec: ReadSpec) -> list[CheckpointRec]:
+    def checkpoints(self, spec: ReadSpec, before_at: int | None = None) -> list[CheckpointRec]:
+        """This process's checkpoints the backend may not show yet that ``spec`` selects.
+        ``before``: older than that checkpoint's stamp when known (``before_at``),
+        else, for a checkpoint this overlay does not hold, a lower id."""
         threads = spec.thread_ids if spec.thread_ids is not None else list(self.ck)
         out = []
         for tid in threads:
@@ -132,10 +138,19 @@ class Overlay:
                     continue
                 if spec.checkpoint_id and cid != spec.checkpoint_id:
                     continue
-                if spec.before and not cid < spec.before:
+                if spec.before and not (rec.written_at < before_at if before_at is not None else cid < spec.before):
                     continue
                 out.append(rec)
         return out
+
+    def stamp_of(self, spec: ReadSpec, checkpoint_id: str) -> int | None:
+        """The stamp of a checkpoint this overlay holds (``before`` cursors), else None."""
+        threads = spec.thread_ids if spec.thread_ids is not None else list(self.ck)
+        for tid in threads:
+            for (ns, cid), rec in self.ck.get(tid, {}).items():
+                if cid == checkpoint_id and (spec.checkpoint_ns is None or ns == spec.checkpoint_ns):
+                    return rec.written_at
+        return None
 
     def relevant_tombs(self, spec: ReadSpec) -> bool:
         for t in self.tombs.values():
@@ -174,6 +189,11 @@ class QueryCache(Actor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.views: OrderedDict[tuple[str, str], View] = OrderedDict()
+        #: consistency="shared": no "latest" or "no such thread" answer is kept
+        self.shared = self.runtime.config.shared
+        #: the newest checkpoint this process knows of per (thread, namespace), read or
+        #: written here, as (id, parent id, written here): forks are counted against it
+        self.known: OrderedDict[tuple[str, str], tuple[str, str, bool]] = OrderedDict()
         #: latest-reads that missed and wait for a query slot, by namespace
         self._waiting: dict[str, LatestBatch] = {}
 
@@ -212,6 +232,7 @@ class QueryCache(Actor):
         for rec in msg.records:
             if isinstance(rec, CheckpointRec):
                 if msg.update_views:
+                    self._know_put(rec)
                     self._view_put(rec)
                 else:
                     self._drop_thread(rec.thread_id)
@@ -225,6 +246,42 @@ class QueryCache(Actor):
         if msg.reply is not None:
             msg.reply.set(None)
 
+    # -- forks -------------------------------------------------------------
+
+    def _know(self, key: tuple[str, str], value: tuple[str, str, bool]) -> None:
+        known = self.known
+        known[key] = value
+        known.move_to_end(key)
+        if len(known) > self.runtime.config.cache_max_threads:
+            known.popitem(last=False)
+
+    def _know_put(self, rec: CheckpointRec) -> None:
+        """A checkpoint written here from a parent that is not the newest this process
+        knows of makes that parent's second child (time travel, or a stale read)."""
+        key = (rec.thread_id, rec.checkpoint_ns)
+        prev = self.known.get(key)
+        if (
+            prev is not None and rec.parent_checkpoint_id
+            and rec.parent_checkpoint_id != prev[0] and rec.checkpoint_id != prev[0]
+        ):
+            self._fork(names.FORK_SEEN_BY_PUT)
+        self._know(key, (rec.checkpoint_id, rec.parent_checkpoint_id, True))
+
+    def _know_read(self, rec: CheckpointRec) -> None:
+        """The backend's newest checkpoint beside the one this process wrote last, from
+        the same parent: another process wrote the thread at the same time."""
+        key = (rec.thread_id, rec.checkpoint_ns)
+        prev = self.known.get(key)
+        if prev is not None and prev[2] and rec.checkpoint_id != prev[0] and rec.parent_checkpoint_id == prev[1]:
+            self._fork(names.FORK_SEEN_BY_READ)
+        if prev is None or prev[0] != rec.checkpoint_id:
+            self._know(key, (rec.checkpoint_id, rec.parent_checkpoint_id, False))
+
+    def _fork(self, seen_by: str) -> None:
+        inst = self.runtime.instruments
+        self.state.forks += 1
+        inst.forks.add(1, inst.bound(names.FORK_SEEN_BY, seen_by))
+
     def _view_put(self, rec: CheckpointRec) -> None:
         """Write-through: an existing view moves on to the new checkpoint.
 
@@ -235,7 +292,9 @@ class QueryCache(Actor):
         view = self.views.get(key)
         if view is None:
             return
-        if view.latest is not None and rec.checkpoint_id <= view.latest.checkpoint_id:
+        if view.latest is not None and (rec.written_at, rec.checkpoint_id) <= (
+            view.latest.written_at, view.latest.checkpoint_id
+        ):
             return
         blobs: dict[tuple[str, str], BlobRec] = {}
         ov_blobs = self.state.blobs.get(rec.thread_id) or _NO_BLOBS
@@ -348,7 +407,7 @@ class QueryCache(Actor):
         spec = msg.spec
         if spec.latest and spec.thread_ids is not None and spec.checkpoint_ns is not None:
             key = (spec.thread_ids[0], spec.checkpoint_ns)
-            view = self.views.get(key)
+            view = self.views.get(key) if not self.shared else None
             ttl = self.runtime.config.cache_ttl
             if view is not None and time.monotonic() - view.loaded_at <= ttl:
                 if spec.checkpoint_id is None or (
@@ -412,22 +471,23 @@ class QueryCache(Actor):
                     limit = spec.limit
                     if spec.latest:
                         limit = 5
-                    if spec.before is not None or self.state.relevant_tombs(spec):
+                    if self.state.relevant_tombs(spec):
                         limit = None
+                    before_at = self.state.stamp_of(spec, spec.before) if spec.before else None
                     text = kql.checkpoints_query(limit, spec.with_values)
-                    params = kql.checkpoints_params(spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id)
+                    params = kql.checkpoints_params(
+                        spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id, spec.before, before_at
+                    )
                     rows = await rt.instruments.query(
                         msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
                     )
                     make = checkpoint_from_row if spec.with_values else _header
-                    result = [make(r) for r in rows]
-                    if spec.before is not None:
-                        result = [r for r in result if r.checkpoint_id < spec.before]
+                    result = (_observe_checkpoints(rt.clock, rows, make), before_at)
                 else:
                     rows = await rt.instruments.query(
                         msg.trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
                     )
-                    result = (carry[0], _indexed(values_from_rows(rows)), carry[2])
+                    result = (carry[0], _indexed(_observe_values(rt.clock, values_from_rows(rows))), carry[2])
         except Exception as exc:  # noqa: BLE001 - failed back to the reader
             error = _read_error(exc)
         await self.mailbox.send(QueryDone(msg, stage, result, error, epoch, self))
@@ -448,7 +508,7 @@ class QueryCache(Actor):
                     batch.reads[0].trace, names.SPAN_QUERY_CHECKPOINTS,
                     retrying(rt.config, lambda: rt.backend.query(kql.latest_query(), params)),
                 )
-                result = [checkpoint_from_row(r) for r in rows]
+                result = _observe_checkpoints(rt.clock, rows, checkpoint_from_row)
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
             error = _read_error(exc)
         finally:
@@ -477,7 +537,7 @@ class QueryCache(Actor):
             self._purge()
             return
         if done.stage == 1:
-            self._merge_checkpoints(msg, done.result)
+            self._merge_checkpoints(msg, *done.result)
         else:
             self._merge_values(msg, *done.result)
         self._purge()
@@ -489,12 +549,14 @@ class QueryCache(Actor):
                 ov.reads.pop(id(msg), None)
                 msg.reply.fail(error)  # type: ignore[union-attr]
             return
-        latest = {r.thread_id: r for r in result}
+        latest = {(r.thread_id, r.checkpoint_ns): r for r in result}
+        for r in result:
+            self._know_read(r)
         items: list[tuple[Read, list[CheckpointRec], bool]] = []
         for msg in batch.reads:
             if id(msg) not in ov.reads:
                 continue  # answered already (re-run after a restart)
-            rec = latest.get(msg.spec.thread_ids[0])  # type: ignore[index]
+            rec = latest.get((msg.spec.thread_ids[0], msg.spec.checkpoint_ns))  # type: ignore[index]
             if rec is not None and ov.covered(rec):
                 # deleted here after the query started: older checkpoints may be visible
                 self._spawn(msg, 1, None)
@@ -523,7 +585,7 @@ class QueryCache(Actor):
                     batch.items[0][0].trace, names.SPAN_QUERY_VALUES,
                     retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, params)),
                 )
-                result = _indexed(values_from_rows(rows))
+                result = _indexed(_observe_values(rt.clock, values_from_rows(rows)))
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
             error = _read_error(exc)
         await self.mailbox.send(QueryDone(batch, 2, result, error, epoch, self))  # type: ignore[arg-type]
@@ -539,15 +601,19 @@ class QueryCache(Actor):
             else:
                 self._merge_values(msg, cands, result, fallback)
 
-    def _candidates(self, msg: Read, backend: list[CheckpointRec]) -> list[CheckpointRec] | None:
-        """Merge the backend's checkpoints with the overlay's; None once ``msg`` is answered."""
+    def _candidates(
+        self, msg: Read, backend: list[CheckpointRec], before_at: int | None = None
+    ) -> list[CheckpointRec] | None:
+        """Merge the backend's checkpoints with the overlay's; None once ``msg`` is answered.
+
+        Newest first by ``written_at`` (engine/clock.py), then id."""
         ov = self.state
         spec = msg.spec
         merged: dict[tuple[str, str, str], CheckpointRec] = {r.key: r for r in backend}
-        for rec in ov.checkpoints(spec):
+        for rec in ov.checkpoints(spec, before_at):
             merged[rec.key] = rec
         cands = [r for r in merged.values() if not ov.covered(r)]
-        cands.sort(key=lambda r: r.checkpoint_id, reverse=True)
+        cands.sort(key=_newest_first, reverse=True)
         if not spec.with_values:
             if spec.limit is not None:
                 cands = cands[: spec.limit]
@@ -560,7 +626,7 @@ class QueryCache(Actor):
             cands = cands[:5]
         if not cands:
             ov.reads.pop(id(msg), None)
-            if spec.latest and spec.checkpoint_id is None and spec.thread_ids is not None:
+            if spec.latest and spec.checkpoint_id is None and spec.thread_ids is not None and not self.shared:
                 key = (spec.thread_ids[0], spec.checkpoint_ns or "")
                 self.views[key] = View(None, {}, {}, time.monotonic())
                 self._trim()
@@ -568,8 +634,10 @@ class QueryCache(Actor):
             return None
         return cands
 
-    def _merge_checkpoints(self, msg: Read, backend: list[CheckpointRec]) -> None:
-        cands = self._candidates(msg, backend)
+    def _merge_checkpoints(self, msg: Read, backend: list[CheckpointRec], before_at: int | None = None) -> None:
+        if msg.spec.latest and msg.spec.checkpoint_id is None and backend:
+            self._know_read(max(backend, key=_newest_first))
+        cands = self._candidates(msg, backend, before_at)
         if cands is not None:
             self._spawn(msg, 2, (cands, _values_params(cands), False))
 
@@ -588,10 +656,17 @@ class QueryCache(Actor):
             tid, ns = c.thread_id, c.checkpoint_ns
             o_blobs = ov.blobs.get(tid, {})
             blobs: dict[tuple[str, str], BlobRec] = {}
+            hidden = False
             for ch, ver in c.channel_versions.items():
                 b = o_blobs.get((ns, ch, ver)) or b_blobs.get((tid, ns, ch, ver))
-                if b is not None and not ov.row_covered(tid, b.written_at):
-                    blobs[(ch, ver)] = b
+                if b is None:
+                    continue
+                if ov.row_covered(tid, b.written_at):
+                    hidden = True  # a value a deletion removed: never a state without it
+                    break
+                blobs[(ch, ver)] = b
+            if hidden:
+                continue
             writes: dict[tuple[str, int], WriteRec] = dict(b_writes.get((tid, ns, c.checkpoint_id), {}))
             for (wns, wcid, task, idx), w in ov.writes.get(tid, {}).items():
                 if wns == ns and wcid == c.checkpoint_id:
@@ -610,7 +685,7 @@ class QueryCache(Actor):
         ov.reads.pop(id(msg), None)
         if spec.latest:
             best = bundles[0] if bundles else None
-            if best is not None and spec.checkpoint_id is None:
+            if best is not None and spec.checkpoint_id is None and not self.shared:
                 key = (best.checkpoint.thread_id, best.checkpoint.checkpoint_ns)
                 self.views[key] = View(
                     best.checkpoint,
@@ -663,12 +738,40 @@ def _indexed(values: tuple[dict[Any, BlobRec], dict[tuple[str, str, str, str, in
     return blobs, by_ck
 
 
+def _newest_first(rec: CheckpointRec) -> tuple[int, str]:
+    return (rec.written_at, rec.checkpoint_id)
+
+
+def _observe_checkpoints(clock: ThreadClock, rows: list[dict[str, Any]], make: Any) -> list[CheckpointRec]:
+    """Checkpoint records from a checkpoints query's rows; the clock learns every
+    stamp they carry, the threads' deletion times (``tomb_at`` rows) included."""
+    out = []
+    for row in rows:
+        tomb_at = row.get("tomb_at")
+        if tomb_at is not None:
+            clock.observe(row["thread_id"], to_micros(tomb_at))
+            continue
+        rec = make(row)
+        clock.observe(rec.thread_id, rec.written_at)
+        out.append(rec)
+    return out
+
+
+def _observe_values(clock: ThreadClock, values: Any) -> Any:
+    blobs, writes = values
+    for rec in blobs.values():
+        clock.observe(rec.thread_id, rec.written_at)
+    for rec in writes.values():
+        clock.observe(rec.thread_id, rec.written_at)
+    return values
+
+
 def _header(row: dict[str, Any]) -> CheckpointRec:
     return CheckpointRec(
         thread_id=row["thread_id"],
         checkpoint_ns=row["checkpoint_ns"] or "",
         checkpoint_id=row["checkpoint_id"],
-        parent_checkpoint_id="",
+        parent_checkpoint_id=row.get("parent_checkpoint_id") or "",
         run_id=row.get("run_id") or "",
         channel_versions={},
         new_versions={},

@@ -74,6 +74,9 @@ class EmbeddedBackend:
     """DuckDB file (or ``":memory:"``) behind the backend protocol."""
 
     name = "duckdb"
+    #: one process at a time owns the store (DuckDB locks the file), so nothing another
+    #: process writes can be missed: consistency "sticky" is exact here
+    exclusive = True
 
     def __init__(
         self,

@@ -581,6 +581,8 @@ class KustoBackend:
     """
 
     name = "kusto"
+    #: several processes may share the database (consistency "shared" by default)
+    exclusive = False
 
     def __init__(
         self,
