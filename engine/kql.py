@@ -24,8 +24,14 @@ let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;"""
 
 _CHECKPOINTS_PARAMS = (
     "tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string, "
-    "before:string, before_at:datetime, has_before_at:bool"
+    "before:string, before_at:datetime, has_before_at:bool, "
+    "has_page:bool, page_at:datetime, page_ids:dynamic"
 )
+
+#: Checkpoints per page of a list (``take``), and per values query: every read stays far
+#: inside Kusto's result limits by construction (a checkpoint body is at most one
+#: cell, ``cell_limit``), and the Kusto backend sets ``notruncation`` on that basis
+READ_PAGE = 100
 
 #: The visible checkpoints: deduplicated, every tombstone honoured.
 _VISIBLE = f"""let visible = {CHECKPOINTS.name}
@@ -66,6 +72,7 @@ def checkpoints_query(limit: int | None, with_values: bool) -> str:
 {_FLOORS}
 let page = visible
 | where isempty(before) or written_at < before_cut or (has_before_at and written_at < before_at)
+| where not(has_page) or written_at < page_at or (written_at == page_at and checkpoint_id !in (page_ids))
 | project {columns}
 | order by written_at desc, checkpoint_id desc"""
     if limit is not None:
@@ -98,7 +105,10 @@ def checkpoints_params(
     checkpoint_id: str | None,
     before: str | None = None,
     before_at: int | None = None,
+    page: tuple[int, list[str]] | None = None,
 ) -> dict[str, Any]:
+    """``page``: the previous page's oldest stamp and the ids it returned with that stamp
+    (the next page starts below them)."""
     return {
         "tids": list(thread_ids or ()),
         "all_threads": thread_ids is None,
@@ -108,6 +118,9 @@ def checkpoints_params(
         "before": before or "",
         "before_at": us_to_datetime(before_at or 0),
         "has_before_at": before_at is not None,
+        "has_page": page is not None,
+        "page_at": us_to_datetime(page[0] if page else 0),
+        "page_ids": list(page[1]) if page else [],
     }
 
 

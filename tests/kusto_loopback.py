@@ -103,6 +103,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import duckdb_kql
+import orjson
 from duckdb_kql.control import SCHEMA as _COMMAND_SCHEMA
 from duckdb_kql.control import strip_leading_comments
 from duckdb_kql.engine import schema as _duck_schema
@@ -122,6 +123,9 @@ ROUTES = ("query", "mgmt", "ingest", "other")
 MAX_VALUE_BYTES = 1024 * 1024
 #: the most data one streaming ingestion request may carry
 MAX_STREAMING_BYTES = 4 * 1024 * 1024
+#: Kusto's result-set limits without ``notruncation`` (query limits)
+MAX_RESULT_RECORDS = 500_000
+MAX_RESULT_BYTES = 64 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -169,6 +173,27 @@ def _not_found(kind: str, name: str) -> KustoRequestError:
         code="BadRequest_EntityNotFound",
         kind="Kusto.Data.Exceptions.EntityNotFoundException",
     )
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
+def _report_partial_failure(body: Any, message: str) -> None:
+    """A partial query failure as Kusto reports it by default: a JSON property bag in the
+    result data where a row is expected (v2: after the primary result's rows; the SDK's
+    ``KustoResultTable`` raises ``KustoMultiApiError`` on it; v1: the same in the table)."""
+    error = {"OneApiErrors": [{"error": {
+        "code": "LimitsExceeded",
+        "message": "Request is invalid and cannot be executed.",
+        "@type": "Kusto.Data.Exceptions.KustoServicePartialQueryFailureLimitsExceededException",
+        "@message": message,
+        "@permanent": True,
+    }}]}
+    tables = body.get("Tables", []) if isinstance(body, dict) else [
+        f for f in body if f.get("FrameType") == "DataTable" and f.get("TableKind") == "PrimaryResult"]
+    for table in tables[:1]:
+        table["Rows"].append(error)
 
 
 def _syntax(message: str) -> KustoRequestError:
@@ -957,12 +982,16 @@ class LoopbackKusto:
     def __init__(self, database: str = "testdb", *, strict_parameters: bool = True,
                  require_streaming_policy: bool = False, quiet: bool = True,
                  max_value_bytes: int = MAX_VALUE_BYTES,
-                 max_streaming_bytes: int = MAX_STREAMING_BYTES) -> None:
+                 max_streaming_bytes: int = MAX_STREAMING_BYTES,
+                 max_result_records: int = MAX_RESULT_RECORDS,
+                 max_result_bytes: int = MAX_RESULT_BYTES) -> None:
         if not re.fullmatch(r"[A-Za-z_][\w-]*", database):
             raise ValueError(f"unsupported database name {database!r}")
         self.database = database
         self.max_value_bytes = max_value_bytes
         self.max_streaming_bytes = max_streaming_bytes
+        self.max_result_records = max_result_records
+        self.max_result_bytes = max_result_bytes
         self.strict_parameters = strict_parameters
         self.require_streaming_policy = require_streaming_policy
         self.quiet = quiet
@@ -1132,10 +1161,36 @@ class LoopbackKusto:
                 raise KustoRequestError(
                     "Control commands must be sent to the management endpoint (/v1/rest/mgmt)")
             return 200, self._command(head, parameters)
+        notruncation = _truthy(options.pop("notruncation", False))
         result = self._query(csl, parameters, options)
-        return 200, (v2_response(result, request_id) if v2 else v1_response(result))
+        failure = None if notruncation else self._truncation(result)
+        if failure is not None:
+            result = Result(result.columns, result.rows[: failure[0]])
+        body = v2_response(result, request_id) if v2 else v1_response(result)
+        if failure is not None:
+            _report_partial_failure(body, failure[1])
+        return 200, body
 
-    def _query(self, csl: str, parameters: Any, options: dict[str, Any]) -> Result:
+    def _truncation(self, result: Result) -> tuple[int, str] | None:
+        """Kusto's result-set limits (query limits: 500,000 records, 64 MB), unless the
+        request set ``notruncation``: past either, Kusto has already answered 200 OK and
+        reports a partial query failure in the result data after the rows it sent
+        (https://learn.microsoft.com/azure/data-explorer/kusto/concepts/querylimits,
+        https://learn.microsoft.com/azure/data-explorer/kusto/concepts/partial-query-failures)."""
+        if len(result.rows) > self.max_result_records:
+            return self.max_result_records, (
+                f"Query result set has exceeded the internal record count limit "
+                f"{self.max_result_records} (E_QUERY_RESULT_SET_TOO_LARGE).")
+        size = 0
+        for i, row in enumerate(result.rows):
+            size += len(orjson.dumps(list(row), default=str))
+            if size > self.max_result_bytes:
+                return i, (
+                    f"Query result set has exceeded the internal data size limit "
+                    f"{self.max_result_bytes} (E_QUERY_RESULT_SET_TOO_LARGE).")
+        return None
+
+    def _query(self, csl: str, parameters: Any, options: dict[str, Any]) -> Result:  # noqa: D401
         try:
             decoded = decode_parameters(csl, parameters, strict=self.strict_parameters)
             assert self._httpd is not None

@@ -115,6 +115,7 @@ async def test_sticky_replicas_serve_what_they_cached(anyio_backend: str) -> Non
     async with loopback() as srv:
         async with saver_for(srv, consistency="sticky") as a, saver_for(srv) as b:
             await turn(a, "t", "one")
+            await a.flush()  # (its default durability returns before ingestion)
             assert await messages(a, "t") == ["one"]
             await turn(b, "t", "two")
             assert await messages(a, "t") == ["one"]  # stale, as documented
@@ -275,3 +276,35 @@ async def test_a_shared_turn_is_in_the_backend_when_it_returns(anyio_backend: st
             with KustoClient(srv.kcsb()) as client:
                 rows = client.execute_query(DB, "Checkpoints | count").primary_results[0].to_dict()["data"]
             assert rows[0]["Count"] == 1  # no flush needed: another replica sees it now
+
+
+# -- reads that grow ------------------------------------------------------------------
+
+
+async def test_reads_stay_inside_kusto_result_limits(anyio_backend: str) -> None:
+    """Kusto stops a result at 500,000 records or 64 MB with a partial-query failure
+    (the loopback, with both limits lowered, does the same): a long thread with large
+    values still lists and reads whole."""
+    async with loopback(max_result_records=60, max_result_bytes=400_000) as srv:
+        with KustoClient(srv.kcsb()) as client:
+            client.execute_mgmt(DB, ".ingest inline into table Tombstones with (format=multijson) <| "
+                                + "".join('{"scope": "run", "run_id": "r%d"}' % i for i in range(61)))
+            with pytest.raises(Exception, match="E_QUERY_RESULT_SET_TOO_LARGE"):
+                client.execute_query(DB, "Tombstones")
+        async with saver_for(srv) as saver:
+            parent: str | None = None
+            for step in range(150):
+                c = empty_checkpoint()
+                version = saver.get_next_version(step, None)
+                c["channel_values"] = {"messages": [f"{step}:" + "x" * 4000]}
+                c["channel_versions"] = {"messages": version}
+                await saver.aput(cfg("long", parent), c, {"step": step}, {"messages": version})
+                parent = c["id"]
+        async with saver_for(srv) as fresh:
+            got = [x async for x in fresh.alist(cfg("long"))]
+            assert [x.metadata["step"] for x in got] == list(range(149, -1, -1))
+            assert all(x.checkpoint["channel_values"]["messages"][0].startswith(f"{x.metadata['step']}:") for x in got)
+            latest = await fresh.aget_tuple(cfg("long"))
+            assert latest is not None and latest.metadata["step"] == 149
+            page = [x async for x in fresh.alist(cfg("long"), before=cfg("long", got[10].checkpoint["id"]), limit=3)]
+            assert [x.metadata["step"] for x in page] == [138, 137, 136]

@@ -436,7 +436,7 @@ class QueryCache(Actor):
         """
         ns = msg.spec.checkpoint_ns or ""
         batch = self._waiting.get(ns)
-        if batch is None:
+        if batch is None or len(batch.reads) >= kql.READ_PAGE:  # a page of threads per query
             batch = self._waiting[ns] = LatestBatch()
             ov = self.state
             epoch = ov.epoch
@@ -468,29 +468,56 @@ class QueryCache(Actor):
             assert limiter is not None
             async with limiter:
                 if stage == 1:
-                    limit = spec.limit
-                    if spec.latest:
-                        limit = 5
-                    if self.state.relevant_tombs(spec):
-                        limit = None
-                    before_at = self.state.stamp_of(spec, spec.before) if spec.before else None
-                    text = kql.checkpoints_query(limit, spec.with_values)
-                    params = kql.checkpoints_params(
-                        spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id, spec.before, before_at
-                    )
-                    rows = await rt.instruments.query(
-                        msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
-                    )
-                    make = checkpoint_from_row if spec.with_values else _header
-                    result = (_observe_checkpoints(rt.clock, rows, make), before_at)
+                    result = await self._checkpoint_pages(msg)
                 else:
-                    rows = await rt.instruments.query(
-                        msg.trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, carry[1]))
-                    )
-                    result = (carry[0], _indexed(_observe_values(rt.clock, values_from_rows(rows))), carry[2])
+                    result = (carry[0], await self._values(msg.trace, carry[0]), carry[1])
         except Exception as exc:  # noqa: BLE001 - failed back to the reader
             error = _read_error(exc)
         await self.mailbox.send(QueryDone(msg, stage, result, error, epoch, self))
+
+    async def _checkpoint_pages(self, msg: Read) -> tuple[list[CheckpointRec], int | None]:
+        """The backend's checkpoints for ``msg``, newest first, a page
+        (:data:`~..kql.READ_PAGE`) per query, until its limit or the last page."""
+        rt = self.runtime
+        spec = msg.spec
+        limit = 5 if spec.latest else spec.limit
+        if self.state.relevant_tombs(spec):
+            limit = None  # a tombstone here may hide some of them: read them all
+        before_at = self.state.stamp_of(spec, spec.before) if spec.before else None
+        make = checkpoint_from_row if spec.with_values else _header
+        out: list[CheckpointRec] = []
+        page: tuple[int, list[str]] | None = None
+        while True:
+            want = kql.READ_PAGE if limit is None else min(kql.READ_PAGE, limit - len(out))
+            text = kql.checkpoints_query(want, spec.with_values)
+            params = kql.checkpoints_params(
+                spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id, spec.before, before_at, page
+            )
+            rows = await rt.instruments.query(
+                msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
+            )
+            recs = _observe_checkpoints(rt.clock, rows, make)
+            out.extend(recs)
+            if len(recs) < want or (limit is not None and len(out) >= limit):
+                return out, before_at
+            oldest = min(recs, key=_newest_first).written_at
+            ids = [r.checkpoint_id for r in recs if r.written_at == oldest]
+            page = (oldest, ids + (page[1] if page is not None and page[0] == oldest else []))
+
+    async def _values(self, trace: Any, cands: list[CheckpointRec]) -> Any:
+        """Blobs and writes of ``cands``, :data:`~..kql.READ_PAGE` checkpoints per query."""
+        rt = self.runtime
+        blobs: dict[Any, BlobRec] = {}
+        writes: dict[Any, WriteRec] = {}
+        for i in range(0, len(cands), kql.READ_PAGE):
+            params = _values_params(cands[i : i + kql.READ_PAGE])
+            rows = await rt.instruments.query(
+                trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, params))
+            )
+            b, w = _observe_values(rt.clock, values_from_rows(rows))
+            blobs.update(b)
+            writes.update(w)
+        return _indexed((blobs, writes))
 
     async def _run_latest(self, batch: LatestBatch, ns: str, epoch: int) -> None:
         rt = self.runtime
@@ -569,11 +596,9 @@ class QueryCache(Actor):
             values.items = items
             ov.inflight[ov.epoch] += 1
             assert self.tg is not None
-            self.tg.start_soon(
-                self._run_values, values, _values_params([c for _, cs, _ in items for c in cs]), ov.epoch
-            )
+            self.tg.start_soon(self._run_values, values, [c for _, cs, _ in items for c in cs], ov.epoch)
 
-    async def _run_values(self, batch: LatestBatch, params: dict[str, Any], epoch: int) -> None:
+    async def _run_values(self, batch: LatestBatch, cands: list[CheckpointRec], epoch: int) -> None:
         rt = self.runtime
         result: Any = None
         error: BaseException | None = None
@@ -581,11 +606,7 @@ class QueryCache(Actor):
             limiter = rt.query_limiter
             assert limiter is not None
             async with limiter:
-                rows = await rt.instruments.query(
-                    batch.items[0][0].trace, names.SPAN_QUERY_VALUES,
-                    retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, params)),
-                )
-                result = _indexed(_observe_values(rt.clock, values_from_rows(rows)))
+                result = await self._values(batch.items[0][0].trace, cands)
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
             error = _read_error(exc)
         await self.mailbox.send(QueryDone(batch, 2, result, error, epoch, self))  # type: ignore[arg-type]
@@ -639,7 +660,7 @@ class QueryCache(Actor):
             self._know_read(max(backend, key=_newest_first))
         cands = self._candidates(msg, backend, before_at)
         if cands is not None:
-            self._spawn(msg, 2, (cands, _values_params(cands), False))
+            self._spawn(msg, 2, (cands, False))
 
     def _merge_values(
         self,

@@ -804,6 +804,12 @@ class KustoBackend:
     def _execute_sync(self, kql: str, params: Mapping[str, Any], mgmt: bool) -> list[dict[str, Any]]:
         client = self._require_open()
         props = self._properties(kql, params, self.command_timeout if mgmt else self.query_timeout)
+        if not mgmt:
+            # Kusto stops a result at 500,000 records or 64 MB with a partial-query failure
+            # unless the request sets notruncation; every read the engine sends is bounded
+            # by construction instead (pages of checkpoints, values per page: engine/kql.py)
+            # https://learn.microsoft.com/azure/data-explorer/kusto/concepts/querylimits
+            props.set_option("notruncation", True)
         action = "control command" if mgmt else "query"
         try:
             if mgmt:
