@@ -30,6 +30,10 @@ delete; -30 s: the turns r1/r2 wrote just before it would sort after it), contin
 after r1 deleted it (-30 s: the continuation sorts before the delete), and takes turns of
 every thread between turns of the unskewed replicas (its checkpoint ids sort 30 s off theirs,
 so "the latest checkpoint" by id is the wrong one unless the saver orders turns otherwise).
+The loopback shows a streamed row as soon as its ingest request returned; Kusto's streaming
+ingestion is documented for "low latency between ingestion and query", under a second
+(https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming).
+
 Each such pair of events is one turn apart (seconds, even on a loaded host), well within
 the skew. Every case prints its run time (``-s`` shows it).
 
