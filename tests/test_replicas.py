@@ -107,8 +107,11 @@ class Replica:
         self.proc = await anyio.open_process(args, stderr=self._log)
         assert self.proc.stdout is not None
         self._out = BufferedByteReceiveStream(self.proc.stdout)
-        with anyio.fail_after(STARTUP_TIMEOUT):
-            ready = json.loads(await self._out.receive_until(b"\n", 1 << 26))
+        try:
+            with anyio.fail_after(STARTUP_TIMEOUT):
+                ready = json.loads(await self._out.receive_until(b"\n", 1 << 26))
+        except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead) as e:
+            raise RuntimeError(f"{self.name} did not start ({type(e).__name__}); its stderr: {self.stderr_tail()}") from None
         assert ready.get("ready") and ready.get("clock_skew") == self.skew, ready
 
     async def pump(self) -> None:
