@@ -160,6 +160,7 @@ class Deleter(Actor):
                     )
                     for b in heads
                     if b.checkpoint.checkpoint_id != latest[(b.checkpoint.thread_id, b.checkpoint.checkpoint_ns)]
+                    and b.checkpoint.key not in msg.keep
                 ]
             await self._write_tombstones(tombs, msg.reply)
         except Exception as exc:  # noqa: BLE001 - failed back to the caller
