@@ -330,7 +330,7 @@ class Engine:
         """What the walk of ``get_delta_channel_history`` reads, in one backend query
         (``kql.DELTA_HISTORY_QUERY``), merged with this process's overlay as every
         read is: the visible checkpoints of (thread, namespace) by id (parent link,
-        channel versions, metadata; no payload), the stored values of ``channels`` by
+        channel versions; no metadata, no payload), the stored values of ``channels`` by
         (channel, version) ("empty" ones left out), and the complete pending writes to
         ``channels`` by checkpoint id. Tombstones, the backend's and the overlay's, hide
         what they cover.
@@ -412,7 +412,8 @@ class Engine:
         hold no stored value there, the parent chain back to the nearest checkpoint that
         holds one (a ``_DeltaSnapshot``), that one included: its writes replay too.
         Namespaces without such channels cost one read of their latest checkpoint (the
-        query cache may answer it) and no more."""
+        query cache may answer it) and no more. A namespace whose latest checkpoint
+        is not readable yet (a value still being ingested) keeps everything."""
         rt = self._check()
         heads = await self._ask(rt, "cache", Read(ReadSpec(tuple(thread_ids), None, with_values=False), rt.reply()))
         latest: dict[tuple[str, str], str] = {}
@@ -425,6 +426,7 @@ class Engine:
         for (tid, ns), cid in latest.items():
             bundle = await self.get(tid, ns, cid)
             if bundle is None:
+                keep.update(b.checkpoint.key for b in heads if (b.checkpoint.thread_id, b.checkpoint.checkpoint_ns) == (tid, ns))
                 continue
             c = bundle.checkpoint
             counters = orjson.loads(c.metadata_json).get("counters_since_delta_snapshot") or {}

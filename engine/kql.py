@@ -150,7 +150,7 @@ let heads = {CHECKPOINTS.name}
 | join kind=leftouter dead_checkpoints on thread_id, checkpoint_ns, checkpoint_id
 | where isnull(checkpoint_deleted_at) or written_at > checkpoint_deleted_at
 | join kind=leftanti dead_runs on run_id
-| project kind_ = "checkpoint", thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, run_id, channel_versions, metadata, written_at;
+| project kind_ = "checkpoint", thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, run_id, channel_versions, written_at;
 let blobs = {BLOBS.name}
 | where thread_id == tid and checkpoint_ns == ns and channel in (channels) and payload_type != "empty"
 | join kind=leftouter dead_threads on thread_id

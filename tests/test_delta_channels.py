@@ -408,3 +408,54 @@ async def test_pending_writes_come_back_in_writes_sort_key_order(kind: str, tmp_
         assert (await io.saver_call("get_delta_channel_history", config=cfg2, channels=["x"])) == expected_history
         everything = await io.saver_call("list", None)
         assert [t.pending_writes for t in everything if t.pending_writes] == [expected, expected]
+
+
+async def test_delta_graph_through_the_kusto_backend() -> None:
+    """The history query and the delta-aware prune through the real azure-kusto SDK
+    (payloads as base64 text, dynamic columns as JSON) against the loopback endpoint."""
+    from kusto_loopback import LoopbackKusto
+
+    from langgraph.checkpoint.kusto.engine.backends.kusto import KustoBackend
+
+    async with LoopbackKusto(database="checkpoints") as srv:
+        assert (await KustoBackend(srv.uri, "checkpoints").setup(create=True)).ok
+        async with AsyncKustoSaver.from_connection_string(
+            cluster_uri=srv.uri, database="checkpoints", flush_interval=0.01
+        ) as saver:
+            await saver.setup()  # awaited in the engine's loop
+            io = Driver("async", saver, build(saver))
+            c = cfg("t")
+            for i in range(4):
+                same(await io.invoke(turn(i), c))
+            await saver.flush()
+            expected = (await io.state(c)).values
+            latest = (await io.state(c)).config
+            walked = await anyio.to_thread.run_sync(
+                lambda: BaseCheckpointSaver.get_delta_channel_history(saver, config=latest, channels=["d"])
+            )
+            assert await saver.aget_delta_channel_history(config=latest, channels=["d"]) == walked
+            await saver.aprune(["t"], strategy="keep_latest")
+            assert (await io.state(c)).values == expected
+            same(await io.invoke(turn(4), c))
+        assert srv.errors == [], f"loopback bugs: {srv.errors!r}"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("held", [False, True], ids=["ingested", "overlay"])
+async def test_history_on_both_anyio_backends(anyio_backend: str, held: bool) -> None:
+    """The engine's history read (the FIFO barrier, the query, the overlay merge) on
+    asyncio and trio: the same answer as InMemorySaver's for the same calls, before and
+    after a checkpoint of the chain is deleted by prune's tombstones."""
+    _, expected_history = _oracle()
+    backend = CountingBackend()
+    async with AsyncKustoSaver(backend, **({**OPTIONS, **HELD} if held else OPTIONS)) as saver:
+        io = Driver("async", saver, None)
+        _, cfg2 = await _fill(io, "t")
+        if not held:
+            await saver.flush()
+        backend.queries.clear()
+        assert await saver.aget_delta_channel_history(config=cfg2, channels=["x"]) == expected_history
+        assert backend.queries == [kql.DELTA_HISTORY_QUERY]
+        # no DeltaChannel metadata: keep_latest keeps only the latest, and the walk stops there
+        await saver.aprune(["t"], strategy="keep_latest")
+        assert await saver.aget_delta_channel_history(config=cfg2, channels=["x"]) == {"x": {"writes": []}}
