@@ -16,9 +16,11 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
+import orjson
 
 from ..telemetry import Instruments, names
-from . import interpreter
+from ..telemetry.instruments import capture
+from . import interpreter, kql
 from .actor import Crash
 from .actors.batcher import Batcher, BatcherState, ticker
 from .actors.deleter import Deleter, make_put
@@ -29,7 +31,9 @@ from .clock import ThreadClock
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec
-from .records import Bundle, Record
+from .reads import checkpoint_from_row, delta_walk, values_from_rows
+from .records import BlobRec, Bundle, CheckpointRec, Record, WriteRec, newer_write
+from .retry import retrying
 from .runtime import Runtime
 from .spool import EMPTY_STATS, Spool, spool_dir_for
 from .supervisor import ChildSpec, Supervisor
@@ -324,6 +328,72 @@ class Engine:
         )
         return await self._ask(rt, "cache", Read(spec, rt.reply()))  # type: ignore[no-any-return]
 
+    async def delta_history(
+        self, thread_id: str, checkpoint_ns: str, channels: list[str]
+    ) -> tuple[dict[str, CheckpointRec], dict[tuple[str, str], BlobRec], dict[str, list[WriteRec]]]:
+        """What the walk of ``get_delta_channel_history`` reads, in one backend query
+        (``kql.DELTA_HISTORY_QUERY``), merged with this process's overlay as every
+        read is: the visible checkpoints of (thread, namespace) by id (parent link,
+        channel versions; no metadata, no payload), the stored values of ``channels`` by
+        (channel, version) ("empty" ones left out), and the complete pending writes to
+        ``channels`` by checkpoint id. Tombstones, the backend's and the overlay's, hide
+        what they cover.
+        """
+        rt = self._check()
+        # a barrier in the cache's FIFO: every put accepted before this call is in the overlay
+        await self._ask(rt, "cache", Accept([], rt.reply(), False))
+        ov: Overlay = self._states["cache"]
+        # the query's start epoch holds back the overlay's release of anything the backend
+        # acknowledges from now on, until the overlay is merged below (QueryCache._purge)
+        epoch = ov.epoch
+        ov.inflight[epoch] += 1
+        try:
+            params = {"tid": thread_id, "ns": checkpoint_ns, "channels": sorted(set(channels))}
+            limiter = rt.query_limiter
+            assert limiter is not None
+            async with limiter:
+                rows = await self.instruments.query(
+                    capture(), names.SPAN_QUERY_VALUES,
+                    retrying(rt.config, lambda: rt.backend.query(kql.DELTA_HISTORY_QUERY, params)),
+                )
+            heads: dict[str, CheckpointRec] = {}
+            value_rows = []
+            for r in rows:
+                if r["kind_"] == "checkpoint":
+                    rec = checkpoint_from_row(r)
+                    heads[rec.checkpoint_id] = rec
+                else:
+                    value_rows.append(r)
+            b_blobs, b_writes = values_from_rows(value_rows)
+            wanted = set(channels)
+            for (ns, cid), rec in ov.ck.get(thread_id, {}).items():
+                if ns == checkpoint_ns:
+                    heads[cid] = rec
+            heads = {cid: rec for cid, rec in heads.items() if not ov.covered(rec)}
+            blobs: dict[tuple[str, str], BlobRec] = {}
+            for (_, _, ch, ver), b in b_blobs.items():
+                blobs[(ch, ver)] = b
+            for (ns, ch, ver), b in ov.blobs.get(thread_id, {}).items():
+                if ns == checkpoint_ns and ch in wanted and b.payload_type != "empty":
+                    blobs[(ch, ver)] = b
+            blobs = {k: b for k, b in blobs.items() if not ov.row_covered(thread_id, b.written_at)}
+            merged: dict[tuple[str, str, int], WriteRec] = {
+                (w.checkpoint_id, w.task_id, w.idx): w for w in b_writes.values()
+            }
+            for (ns, cid, task, idx), w in ov.writes.get(thread_id, {}).items():
+                if ns == checkpoint_ns and w.channel in wanted:
+                    old = merged.get((cid, task, idx))
+                    merged[(cid, task, idx)] = w if old is None else newer_write(old, w)
+            writes: dict[str, list[WriteRec]] = {}
+            for w in merged.values():
+                if w.complete and w.channel in wanted and not ov.row_covered(thread_id, w.written_at):
+                    writes.setdefault(w.checkpoint_id, []).append(w)
+            return heads, blobs, writes
+        finally:
+            ov.inflight[epoch] -= 1
+            if ov.inflight[epoch] <= 0:
+                del ov.inflight[epoch]
+
     # -- deletes -----------------------------------------------------------
 
     async def delete_threads(self, thread_ids: list[str]) -> None:
@@ -336,7 +406,46 @@ class Engine:
 
     async def prune(self, thread_ids: list[str], strategy: str) -> None:
         rt = self._check()
-        await self._ask(rt, "deleter", Prune(thread_ids, strategy, rt.reply()))
+        keep = await self._delta_chains(thread_ids) if strategy == "keep_latest" else frozenset()
+        await self._ask(rt, "deleter", Prune(thread_ids, strategy, rt.reply(), keep))
+
+    async def _delta_chains(self, thread_ids: list[str]) -> frozenset[tuple[str, str, str]]:
+        """What keep_latest must keep besides each namespace's latest checkpoint: for the
+        DeltaChannels of that checkpoint (LangGraph names them, with their updates since
+        their last snapshot, in its metadata's ``counters_since_delta_snapshot``) that
+        hold no stored value there, the parent chain back to the nearest checkpoint that
+        holds one (a ``_DeltaSnapshot``), that one included: its writes replay too.
+        Namespaces without such channels cost one read of their latest checkpoint (the
+        query cache may answer it) and no more. A namespace whose latest checkpoint
+        is not readable yet (a value still being ingested) keeps everything."""
+        rt = self._check()
+        heads = await self._ask(rt, "cache", Read(ReadSpec(tuple(thread_ids), None, with_values=False), rt.reply()))
+        latest: dict[tuple[str, str], str] = {}
+        for b in heads:
+            c = b.checkpoint
+            k = (c.thread_id, c.checkpoint_ns)
+            if c.checkpoint_id > latest.get(k, ""):
+                latest[k] = c.checkpoint_id
+        keep: set[tuple[str, str, str]] = set()
+        for (tid, ns), cid in latest.items():
+            bundle = await self.get(tid, ns, cid)
+            if bundle is None:
+                keep.update(b.checkpoint.key for b in heads if (b.checkpoint.thread_id, b.checkpoint.checkpoint_ns) == (tid, ns))
+                continue
+            c = bundle.checkpoint
+            counters = orjson.loads(c.metadata_json).get("counters_since_delta_snapshot") or {}
+            replayed = []
+            for ch in counters:
+                ver = c.channel_versions.get(ch)
+                blob = bundle.blobs.get((ch, ver)) if ver is not None else None
+                if ver is not None and (blob is None or blob.payload_type == "empty"):
+                    replayed.append(ch)
+            if not replayed:
+                continue
+            chain_heads, blobs, _ = await self.delta_history(tid, ns, replayed)
+            chain, _ = delta_walk(chain_heads, blobs, cid, replayed)
+            keep.update((tid, ns, x) for x in chain)
+        return frozenset(keep)
 
     async def copy_thread(self, source: str, target: str) -> None:
         rt = self._check()

@@ -200,13 +200,19 @@ class DeleteRuns(Message):
 
 
 class Prune(Message):
-    __slots__ = ("thread_ids", "strategy", "trace")
+    __slots__ = ("thread_ids", "strategy", "trace", "keep")
 
-    def __init__(self, thread_ids: list[str], strategy: str, reply: Reply[Any]) -> None:
+    def __init__(
+        self, thread_ids: list[str], strategy: str, reply: Reply[Any],
+        keep: frozenset[tuple[str, str, str]] = frozenset(),
+    ) -> None:
         super().__init__(reply)
         self.trace = capture()
         self.thread_ids = thread_ids
         self.strategy = strategy
+        #: keep_latest: (thread, namespace, checkpoint) kept besides each namespace's
+        #: latest, the parent chain a DeltaChannel's value is rebuilt from
+        self.keep = keep
 
 
 class CopyThread(Message):

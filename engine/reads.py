@@ -5,7 +5,7 @@ Runs in the query cache's child tasks, never in its message loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -103,3 +103,42 @@ def values_from_rows(
         elif rec.complete:
             writes[rec.key] = newer_write(old, rec)
     return blobs, writes
+
+
+def delta_walk(
+    heads: Mapping[str, CheckpointRec],
+    blobs: Mapping[tuple[str, str], BlobRec],
+    target: str | None,
+    channels: Sequence[str],
+) -> tuple[list[str], dict[str, str]]:
+    """The parent chain a delta channel's value at ``target`` is rebuilt from.
+
+    From ``target``'s parent up, oldest last: the checkpoints whose writes replay,
+    as far as the nearest one that holds a stored value (a snapshot) of every channel
+    in ``channels``, or the root. Returns that chain and, per channel, the checkpoint
+    its seed is stored at (absent: no stored value on the path, start empty).
+    ``target`` None: the latest checkpoint.
+    """
+    if target is None:
+        target = max(heads, default=None)
+    head = heads.get(target) if target is not None else None
+    chain: list[str] = []
+    seeds: dict[str, str] = {}
+    if head is None:
+        return chain, seeds
+    remaining = set(channels)
+    visited: set[str] = set()
+    cur = head.parent_checkpoint_id or None
+    while cur is not None and remaining and cur not in visited:
+        h = heads.get(cur)
+        if h is None:  # deleted, pruned, or not copied: the walk ends here
+            break
+        chain.append(cur)
+        visited.add(cur)
+        for ch in list(remaining):
+            ver = h.channel_versions.get(ch)
+            if ver is not None and (ch, ver) in blobs:
+                seeds[ch] = cur
+                remaining.discard(ch)
+        cur = h.parent_checkpoint_id or None
+    return chain, seeds

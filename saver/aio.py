@@ -31,22 +31,19 @@ class AsyncKustoSaver(KustoSaverBase):
 
     # -- schema setup (KustoBackend) -----------------------------------------
 
-    async def asetup(self, create: bool = False) -> Any:
+    async def setup(self, create: bool = False) -> Any:
         """Check the database schema (``create=True``: run provision.kql first); raises a
-        clear error listing what is missing. A no-op on the embedded store."""
+        clear error listing what is missing. A no-op on the embedded store. A coroutine,
+        as on LangGraph's own async savers: ``await saver.setup()``, with the saver open
+        or closed."""
         setup = getattr(self.backend, "setup", None)
         if setup is None:
             return None
         return await setup(create=create)
 
-    def setup(self, create: bool = False) -> Any:
-        """:meth:`asetup` from sync code: from another thread while the saver is open,
-        or with no event loop running when it is not."""
-        if getattr(self.backend, "setup", None) is None:
-            return None
-        if self._token is not None:
-            return self._blocking(self.asetup, create)
-        return anyio.run(self.asetup, create)
+    async def asetup(self, create: bool = False) -> Any:
+        """The same as :meth:`setup` (the name :class:`KustoSaver` also has)."""
+        return await self.setup(create)
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -23,6 +23,7 @@ from .engine.errors import ConfigError
 from .rows import (
     _utf8,
     decode_bundle,
+    delta_history,
     encode_put,
     encode_writes,
     ids_of,
@@ -104,7 +105,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             raise ConfigError(f"filter must be a dict of metadata keys to values, got {type(filter).__name__}")
         if limit == 0:
             return []
-        if config is not None:
+        if config:  # None and {} both list every thread, as InMemorySaver's list does
             tid, _, cid = ids_of(config, thread_required=False)
             raw_ns = config["configurable"].get("checkpoint_ns")
             ns = raw_ns if isinstance(raw_ns, str) else None
@@ -119,6 +120,17 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             if limit is not None:
                 bundles = bundles[:limit]
         return [decode_bundle(self.serde, b) for b in bundles]
+
+    async def _delta_history(self, config: Any, channels: Sequence[str]) -> Mapping[str, Any]:
+        if isinstance(channels, str) or not isinstance(channels, Sequence):
+            raise ConfigError(f"channels must be a list of channel names, got {type(channels).__name__}")
+        if not channels:
+            return {}
+        tid, ns, cid = ids_of(config)
+        assert tid is not None
+        chans = _ids(channels, "channels")
+        heads, blobs, writes = await self.engine.delta_history(tid, ns, chans)
+        return delta_history(self.serde, heads, blobs, writes, cid, chans)
 
     async def _put(
         self,
@@ -204,6 +216,16 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
     ) -> AsyncIterator[CheckpointTuple]:
         for tup in await self._in_loop(self._inst.timed, "list", self._list, config, filter, before, limit):
             yield tup
+
+    def get_delta_channel_history(self, *, config: Any, channels: Sequence[str]) -> Mapping[str, Any]:
+        """What a ``DeltaChannel`` (LangGraph 1.2, beta) at ``config``'s checkpoint is
+        rebuilt from: per channel, the writes since the nearest stored value on the
+        parent chain, and that value (``seed``). One backend query, whatever the
+        chain's length, instead of the base class's ``get_tuple`` per ancestor."""
+        return self._blocking(self._inst.timed, "get_delta_channel_history", self._delta_history, config, channels)  # type: ignore[no-any-return]
+
+    async def aget_delta_channel_history(self, *, config: Any, channels: Sequence[str]) -> Mapping[str, Any]:
+        return await self._in_loop(self._inst.timed, "get_delta_channel_history", self._delta_history, config, channels)  # type: ignore[no-any-return]
 
     def put(
         self,

@@ -19,11 +19,14 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
     get_checkpoint_metadata,
+    writes_sort_key,
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .engine.errors import ConfigError, KustoCheckpointError
+from .engine.reads import delta_walk
 from .engine.records import (
     BlobRec,
     Bundle,
@@ -268,6 +271,44 @@ def decode_bundle(serde: SerializerProtocol, bundle: Bundle) -> CheckpointTuple:
         parent_config=parent,  # type: ignore[arg-type]
         pending_writes=[(w.task_id, w.channel, _load(serde, w.payload_type, w.payload)) for w in bundle.writes],
     )
+
+
+def delta_history(
+    serde: SerializerProtocol,
+    heads: Mapping[str, CheckpointRec],
+    blobs: Mapping[tuple[str, str], BlobRec],
+    writes: Mapping[str, Sequence[WriteRec]],
+    target: str | None,
+    channels: Sequence[str],
+) -> dict[str, DeltaChannelHistory]:
+    """``get_delta_channel_history``'s answer from what ``Engine.delta_history`` read,
+    as LangGraph's InMemorySaver computes it: per channel, the writes on the chain,
+    oldest first (within a checkpoint in ``writes_sort_key`` order), the seed's own
+    writes included, and the seed itself."""
+    chain, seeds = delta_walk(heads, blobs, target, channels)
+    out: dict[str, DeltaChannelHistory] = {}
+    for ch in channels:
+        stop = seeds.get(ch)
+        collected: list[Any] = []
+        for cid in chain:  # newest first
+            ws = [w for w in writes.get(cid, ()) if w.channel == ch]
+            ws.sort(key=lambda w: writes_sort_key(w.task_path, w.task_id, w.idx), reverse=True)
+            collected.extend(ws)
+            if cid == stop:
+                break
+        entry: DeltaChannelHistory = {
+            "writes": [(w.task_id, ch, _load(serde, w.payload_type, w.payload)) for w in reversed(collected)]
+        }
+        if stop is not None:
+            blob = blobs[(ch, heads[stop].channel_versions[ch])]
+            if not blob.complete:
+                raise KustoCheckpointError(
+                    f"the stored value of channel {ch!r} at checkpoint {stop} is still being ingested "
+                    "(a chunk is missing); read again shortly"
+                )
+            entry["seed"] = _load(serde, blob.payload_type, blob.payload)
+        out[ch] = entry
+    return out
 
 
 def metadata_matches(bundle: Bundle, filter: Mapping[str, Any]) -> bool:

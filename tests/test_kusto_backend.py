@@ -483,7 +483,10 @@ async def test_setup_reports_a_missing_table_mapping_column_and_type() -> None:
         assert sum("CheckpointWrites: column" in p and "is missing" in p for p in problems) == 9
         # the saver facade delegates; the embedded store has nothing to set up
         with pytest.raises(SchemaError):
-            await saver_for(srv).asetup()
+            await saver_for(srv).setup()  # a coroutine, as on AsyncPostgresSaver / AsyncSqliteSaver
+        with pytest.raises(SchemaError):
+            await saver_for(srv).asetup()  # the same, under the name KustoSaver also has
+        assert await AsyncKustoSaver.embedded().setup() is None
         assert await AsyncKustoSaver.embedded().asetup() is None
         # provisioning cannot change a column's type: it says which command failed and why
         with pytest.raises(PermanentBackendError) as caught:
@@ -492,10 +495,10 @@ async def test_setup_reports_a_missing_table_mapping_column_and_type() -> None:
         assert "'checkpoint_id' of table 'CheckpointWrites' is of type 'long'" in str(caught.value)
         mgmt(srv, ".drop table CheckpointWrites")
         mgmt(srv, ".drop table Checkpoints")
-        async with saver_for(srv) as saver:  # open: sync setup() from another thread works too
+        async with saver_for(srv) as saver:  # open, awaited in the engine's own loop
             with pytest.raises(SchemaError, match="table Checkpoints is missing"):
-                await anyio.to_thread.run_sync(saver.setup)
-            assert (await anyio.to_thread.run_sync(lambda: saver.setup(create=True))).ok
+                await saver.setup()
+            assert (await saver.setup(create=True)).ok
 
 
 @pytest.mark.anyio

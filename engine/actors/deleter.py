@@ -204,6 +204,7 @@ class Deleter(Actor):
                 )
                 for b in heads
                 if b.checkpoint.checkpoint_id != latest[(b.checkpoint.thread_id, b.checkpoint.checkpoint_ns)]
+                and b.checkpoint.key not in msg.keep
             ]
         await self._write_tombstones(tombs, msg.reply)
 
