@@ -421,11 +421,9 @@ class Engine:
         rt = self._check()
         heads = await self._ask(rt, "cache", Read(ReadSpec(tuple(thread_ids), None, with_values=False), rt.reply()))
         latest: dict[tuple[str, str], str] = {}
-        for b in heads:
+        for b in heads:  # newest first (written_at, then id)
             c = b.checkpoint
-            k = (c.thread_id, c.checkpoint_ns)
-            if c.checkpoint_id > latest.get(k, ""):
-                latest[k] = c.checkpoint_id
+            latest.setdefault((c.thread_id, c.checkpoint_ns), c.checkpoint_id)
         keep: set[tuple[str, str, str]] = set()
         for (tid, ns), cid in latest.items():
             bundle = await self.get(tid, ns, cid)
