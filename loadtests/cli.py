@@ -296,8 +296,8 @@ def format_report(res: dict[str, Any]) -> list[str]:
     labels = [r["label"] for r in res["results"].values()]
     lines.append("langgraph-checkpoint-kusto load test")
     if len(labels) > 1:
-        lines.append(f"compared: {labels[0]} with {', '.join(labels[1:])}: the same workload on each, "
-                     "one saver after another in this process")
+        lines.append(f"compared: {labels[0]} against {len(labels) - 1} other saver(s): {'; '.join(labels[1:])} "
+                     "(the same workload on each, one saver after another in this process)")
     else:
         lines.append(f"saver: {', '.join(labels)}")
     lines.append(f"workload: {_workload_line(cfg)}")

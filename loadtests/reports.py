@@ -189,7 +189,7 @@ def compare_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             why = FLOOR_NOTE if key == "memory-yield" else "reported for reference"
             out.append(check(f"{wl}: ours vs {label} {unit}", ratio_value=r, goal=None, ours=fig_ours, base=fig_base,
-                             note=f"no goal: {why}" + (f"; {note}" if note else ""), **at))
+                             note=f"no goal: {why}" + (f"; {note}" if note else ""), run_at=at["run_at"]))
     return out
 
 

@@ -55,8 +55,8 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
     assert "summary (same workload, same process, one saver after another):" in text
     for label in ("AsyncKustoSaver (embedded DuckDB)", "InMemorySaver", "InMemorySaver, reads yield once", "AsyncSqliteSaver"):
         assert label in text
-    assert ("compared: AsyncKustoSaver (embedded DuckDB) with InMemorySaver, InMemorySaver, reads yield once, "
-            "AsyncSqliteSaver") in text
+    assert ("compared: AsyncKustoSaver (embedded DuckDB) against 3 other saver(s): InMemorySaver; "
+            "InMemorySaver, reads yield once; AsyncSqliteSaver") in text
     assert f"run size: {agents} agents x {steps} steps" in text
     # the goals say the run size they are set for; a run of another size says so
     assert "goal set for" in text and "200 agents x 20 steps" in text and "(other size)" in text
