@@ -42,6 +42,19 @@ REPORT_ALIASES = {"acceptance": "goals"}
 
 #: the run size (agents, steps) the comparison goals are set for, and the goals report's default size
 GOAL_SIZE = (200, 20)
+#: the goal of each comparison this tool makes (ours / the other figure; the two memory-bound
+#: ones are upper bounds, every other a lower bound); printed by ``--help``
+GOALS = {
+    "raw-memory": 0.5,        # raw: ours / InMemorySaver, checkpoints/s
+    "raw-sqlite": 10.0,       # raw: ours / AsyncSqliteSaver, checkpoints/s
+    "graph-memory": 0.9,      # graph: ours / InMemorySaver, invocations/s
+    "latency-hiding": 0.8,    # graph: with injected latency / without
+    "scale": 0.8,             # raw: checkpoints/s at DEFAULT_SCALE_AGENTS / at GOAL_SIZE's agents
+    "memory-buffered": 1.0,   # stalled backend: max buffered bytes / max_buffered_bytes (at most)
+    "memory-rss": 1.2,        # stalled backend: RSS growth / max_buffered_bytes (at most)
+    "telemetry": 0.9,         # raw: with the SDK's metrics / no SDK
+    "durability": 0.5,        # raw: durability="spool" / "memory"
+}
 
 #: ``--inject`` default of the latency-hiding report (the latency its goal is set for)
 DEFAULT_HIDING_INJECT = "ingest=200ms,query=100ms"
@@ -165,9 +178,9 @@ def compare_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
     ours = _res(run, "kusto")
     out = []
     if wl == "raw":
-        metric, unit, goals = "checkpoints_per_s", "checkpoints/s", {"memory": 0.5, "sqlite": 10.0}
+        metric, unit, goals = "checkpoints_per_s", "checkpoints/s", {"memory": GOALS["raw-memory"], "sqlite": GOALS["raw-sqlite"]}
     else:
-        metric, unit, goals = "ops_per_s", "invocations/s", {"memory": 0.9}
+        metric, unit, goals = "ops_per_s", "invocations/s", {"memory": GOALS["graph-memory"]}
     at = {"goal_at": sizes(*GOAL_SIZE), "run_at": sizes(run["config"]["agents"], run["config"]["steps"])}
     rounds = run.get("rounds")
     for key, label in runner.LABELS.items():
@@ -215,7 +228,7 @@ async def report_latency_hiding(
         check(
             f"latency hiding ({cfg.workload}, {spec.describe()}): throughput injected / none",
             ratio_value=value,
-            goal=0.8,
+            goal=GOALS["latency-hiding"],
             goal_at=f"graph workload, {sizes(*GOAL_SIZE)}, {parse_inject(DEFAULT_HIDING_INJECT).describe()}",
             run_at=f"{cfg.workload} workload, {sizes(cfg.agents, cfg.steps)}, {spec.describe()}",
             ours=("injected", median_over(runs, "kusto-injected", "ops_per_s"), unit),
@@ -342,7 +355,7 @@ async def report_scale(
         check(
             f"scale: checkpoints/s at {large_agents} agents / at {cfg.agents}",
             ratio_value=value,
-            goal=0.8,
+            goal=GOALS["scale"],
             goal_at=f"{GOAL_SIZE[0]:,} and {DEFAULT_SCALE_AGENTS:,} agents x {GOAL_SIZE[1]} steps",
             run_at=f"{cfg.agents:,} and {large_agents:,} agents x {cfg.steps} steps",
             ours=(f"{large_agents} agents", large_cps, "checkpoints/s"),
@@ -552,10 +565,10 @@ async def report_memory_bound(
             else "the workload finished before the bound was reached: raise --agents/--steps/--payload-bytes or lower the bound")
     checks = [
         check("memory bound: max buffered bytes / max_buffered_bytes (stalled backend)",
-              ratio_value=m["max_buffered_bytes"] / bound, goal=1.0, higher_is_better=False,
+              ratio_value=m["max_buffered_bytes"] / bound, goal=GOALS["memory-buffered"], higher_is_better=False,
               ours=("max buffered", m["max_buffered_bytes"], "bytes"), base=("max_buffered_bytes", bound, "bytes"), note=note),
         check("memory bound: (peak RSS - idle RSS) / max_buffered_bytes (stalled backend)",
-              ratio_value=None if growth is None else growth / bound, goal=1.2, higher_is_better=False,
+              ratio_value=None if growth is None else growth / bound, goal=GOALS["memory-rss"], higher_is_better=False,
               ours=("peak RSS - idle", growth, "bytes"), base=("max_buffered_bytes", bound, "bytes"),
               note=f"idle RSS {_mib(m['idle_rss_bytes'])}, peak {_mib(m['peak_rss_bytes'])}"),
     ]
@@ -608,7 +621,7 @@ async def report_telemetry(
         tel = collected(key)
         value, per_round = paired_ratio(runs, key, "kusto-otel-off", metric)
         checks.append(check(
-            f"telemetry ({cfg.workload}): {label} / off", ratio_value=value, goal=0.9 if mode == "metrics" else None,
+            f"telemetry ({cfg.workload}): {label} / off", ratio_value=value, goal=GOALS["telemetry"] if mode == "metrics" else None,
             goal_at=f"raw workload, {sizes(*GOAL_SIZE)}" if mode == "metrics" else None,
             run_at=f"{cfg.workload} workload, {sizes(cfg.agents, cfg.steps)}",
             ours=(label, median_over(runs, key, metric), unit), base=("off", off, unit),
@@ -665,11 +678,11 @@ async def report_durability(cfg: LoadTestConfig, on_event: OnEvent = None) -> di
     if "spool" in modes:
         sp = _res(run, "kusto-spool")
         checks.append(check(f"durability ({cfg.workload}): spool / memory throughput",
-                            ratio_value=ratio(sp.get(metric), mem.get(metric)), goal=0.5, **at,
+                            ratio_value=ratio(sp.get(metric), mem.get(metric)), goal=GOALS["durability"], **at,
                             ours=("spool", sp.get(metric), unit), base=("memory", mem.get(metric), unit),
                             note=f"p99 aput: spool {_ms(_p99(sp, 'aput'))}, memory {_ms(_p99(mem, 'aput'))}"))
     else:
-        checks.append({**check(f"durability ({cfg.workload}): spool / memory throughput", ratio_value=None, goal=0.5, **at,
+        checks.append({**check(f"durability ({cfg.workload}): spool / memory throughput", ratio_value=None, goal=GOALS["durability"], **at,
                                ours=("spool", None, unit), base=("memory", mem.get(metric), unit)),
                        "note": f"not measured: the engine accepts durability modes {list(modes)} (no 'spool' yet)"})
     return {"report": "durability", "config": asdict(cfg), "modes": list(modes), "table": table,
