@@ -474,7 +474,7 @@ def format_checks(checks: list[dict[str, Any]]) -> list[str]:
     lines = table(["comparison", "ratio", "goal", "goal set for", "result", "numerator", "denominator"], rows, "lrrllll")
     if any(c.get("at_goal_size") is False for c in checks):
         lines.append("(other size: this run's size is not the one the goal is set for; the goal is judged all the same. "
-                     "--report goals runs every comparison at its goal's size)")
+                     "--goals runs every comparison at its goal's size)")
     notes = [f"  {c['name']}: {c['note']}" for c in checks if c.get("note")]
     if notes:
         lines += ["notes:", *notes]
