@@ -4,7 +4,7 @@ Parses the arguments, runs the chosen report (:mod:`.reports`), prints it as
 plain text on stdout, writes it as JSON (``--json``) and a PNG (``--plot``).
 Progress goes to stderr: a live display on a terminal, plain lines otherwise.
 Exits non-zero if any thread could not be verified or a saver failed (and, with
-``--strict``, if an acceptance target is missed).
+``--strict``, if the goals report finds a goal missed).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from langgraph.checkpoint.kusto.engine.backends.kusto import INGEST_MODES
+
 from . import reports, runner
 from .display import mib, num, progress_display, table, xr
 from .inject import InjectSpecError, parse_inject
@@ -27,9 +29,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-#: defaults of --agents / --steps: a quick run, and the acceptance figures' shape
+#: defaults of --agents / --steps: a quick run, and the size the goals are set for
 RUN_DEFAULTS = (100, 10)
-ACCEPTANCE_DEFAULTS = (200, 20)
+GOALS_DEFAULTS = reports.GOAL_SIZE
 
 
 def _positive_int(text: str) -> int:
@@ -100,6 +102,37 @@ def _sweep_param(text: str) -> tuple[str, list[Any]]:
     return name, values
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default once: argparse adds "(default: X)" only where the help does not
+    already say it and there is a default to state (not None, a flag's False, or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
+def _report_name(text: str) -> str:
+    return reports.REPORT_ALIASES.get(text, text)
+
+
+def _goals_text() -> str:
+    """The goals, as ``--help`` states them (from :data:`.reports.GOALS`)."""
+    g = {k: f"{v:g}x" for k, v in reports.GOALS.items()}
+    return (
+        "The comparisons and their goals (ours / the other figure, measured in the same process): "
+        f"raw: >= {g['raw-memory']} InMemorySaver's and >= {g['raw-sqlite']} AsyncSqliteSaver's checkpoints/s; "
+        f"graph: >= {g['graph-memory']} InMemorySaver's invocations/s; latency-hiding: >= {g['latency-hiding']} "
+        f"the throughput without injected latency; scale: >= {g['scale']} from {GOALS_DEFAULTS[0]:,} to "
+        f"{reports.DEFAULT_SCALE_AGENTS:,} agents; memory-bound: buffered bytes <= {g['memory-buffered']} and "
+        f"RSS growth <= {g['memory-rss']} max_buffered_bytes; telemetry: >= {g['telemetry']} with the "
+        f"OpenTelemetry SDK's metrics; durability: spool >= {g['durability']} memory. Each goal is set for "
+        f"{reports.sizes(*GOALS_DEFAULTS)} (scale: up to {reports.DEFAULT_SCALE_AGENTS:,} agents); a run of "
+        "another size is judged against it all the same, and says so."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kusto-checkpoint-loadtest",
@@ -107,21 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
             "Load test of the Kusto checkpointer (embedded DuckDB store by default, or a cluster): "
             "many concurrent LangGraph agents, every thread read back and verified, compared with "
             "LangGraph's own savers in the same run. Reports: run (default), sweep, latency-hiding, "
-            "scale, memory-bound, telemetry, durability, acceptance (all targets of issue 4/5)."
+            "scale, memory-bound, telemetry, durability, goals (every comparison that has a goal, "
+            f"at the run size the goals are set for: {reports.sizes(*GOALS_DEFAULTS)})."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=_goals_text(),
+        formatter_class=_HelpFormatter,
     )
     what = p.add_argument_group("what to run")
-    what.add_argument("--report", choices=reports.REPORTS, default="run", help="which report")
+    what.add_argument("--report", choices=reports.REPORTS, type=_report_name, default="run", help="which report")
     what.add_argument("--sweep", dest="report", action="store_const", const="sweep", help="same as --report sweep")
     what.add_argument("--latency-hiding", dest="report", action="store_const", const="latency-hiding",
                       help="same as --report latency-hiding")
-    what.add_argument("--acceptance", dest="report", action="store_const", const="acceptance",
-                      help="same as --report acceptance: every acceptance figure, each section in its own process")
+    what.add_argument("--goals", dest="report", action="store_const", const="goals",
+                      help="same as --report goals: every comparison that has a goal, each section in its own process")
+    what.add_argument("--acceptance", dest="report", action="store_const", const="goals", help=argparse.SUPPRESS)
 
     wl = p.add_argument_group("workload")
-    wl.add_argument("--agents", type=_positive_int, help=f"concurrent agents, one thread each (default: {RUN_DEFAULTS[0]}; acceptance {ACCEPTANCE_DEFAULTS[0]})")
-    wl.add_argument("--steps", type=_positive_int, help=f"steps per agent: graph invokes or raw rounds (default: {RUN_DEFAULTS[1]}; acceptance {ACCEPTANCE_DEFAULTS[1]})")
+    wl.add_argument("--agents", type=_positive_int, help=f"concurrent agents, one thread each (default: {RUN_DEFAULTS[0]}; goals report {GOALS_DEFAULTS[0]})")
+    wl.add_argument("--steps", type=_positive_int, help=f"steps per agent: graph invokes or raw rounds (default: {RUN_DEFAULTS[1]}; goals report {GOALS_DEFAULTS[1]})")
     wl.add_argument("--workload", choices=WORKLOADS, default="graph",
                     help="graph: a compiled StateGraph (agent -> tools -> finish), one ainvoke per step; "
                     "raw: aget_tuple + aput + aput_writes per step on the saver directly")
@@ -135,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--keep", action="store_true", help="keep the temporary store files and print where they are")
     store.add_argument("--cluster-uri", metavar="URI", help="an Azure Data Explorer cluster instead of the embedded store (azure-identity credentials)")
     store.add_argument("--database", metavar="DB", help="the cluster's database (with --cluster-uri)")
-    store.add_argument("--ingest-mode", choices=("streaming", "queued", "managed"), default="streaming", help="with --cluster-uri")
+    store.add_argument("--ingest-mode", choices=INGEST_MODES, default="streaming",
+                       help="with --cluster-uri: how rows reach Kusto (inline: for the Kusto emulator)")
     store.add_argument("--batch-size", type=_positive_int, help="engine option batch_size (rows per table that trigger a batch)")
     store.add_argument("--flush-interval", type=_positive_float, help="engine option flush_interval (seconds a row may wait)")
     store.add_argument("--ingest-concurrency", type=_positive_int, help="engine option ingest_concurrency (batches sent at once)")
@@ -175,21 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--rounds", "--telemetry-rounds", dest="rounds", type=_positive_int, metavar="N",
                      help="latency-hiding, scale and telemetry: interleaved rounds of every variant (scale: of both "
                      "agent counts), the order reversed every other round; each ratio is the median of the rounds' own "
-                     f"ratios (default: {reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_SCALE_ROUNDS} "
-                     f"for scale, {reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry); "
-                     "sweep: every point N times, the points' order reversed every other round, each point's "
-                     "figures from its run with the median throughput (default: 1); "
-                     "run (with the baselines): ours and InMemorySaver N-1 more times, the InMemorySaver ratio "
-                     f"their median (default: 1; {reports.DEFAULT_COMPARE_ROUNDS} in the acceptance's raw and graph sections)")
+                     "ratios; sweep: every point N times, the points' order reversed every other round, each point's "
+                     "figures from its run with the median throughput; run (with the baselines): ours and InMemorySaver "
+                     "N-1 more times, the InMemorySaver ratio their median (default: "
+                     f"{reports.DEFAULT_HIDING_ROUNDS} for latency-hiding, {reports.DEFAULT_SCALE_ROUNDS} for scale, "
+                     f"{reports.DEFAULT_TELEMETRY_ROUNDS} for telemetry, {reports.DEFAULT_COMPARE_ROUNDS} in the goals "
+                     "report's raw and graph sections, 1 otherwise)")
     rep.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
-                     help="acceptance: run each section in a fresh Python process (clean RSS figures); "
+                     help="goals: run each section in a fresh Python process (clean RSS figures); "
                      "scale: each run (one agent count, one round) in a fresh Python process, so that no run "
                      "inherits another's heap")
-    rep.add_argument("--strict", action="store_true", help="acceptance: exit 1 when a target is missed")
+    rep.add_argument("--strict", action="store_true", help="goals: exit 1 when a goal is missed")
 
     out = p.add_argument_group("output")
-    out.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    out.add_argument("--plot", metavar="PATH", help="write a PNG plot of the results")
+    out.add_argument("--json", metavar="PATH", help="write the results as JSON (every figure printed, and more)")
+    out.add_argument("--plot", metavar="PATH", help="write a PNG plot of the results (throughput and latency per saver; "
+                     "sweep: throughput and latency per setting; goals: each ratio against its goal)")
     out.add_argument("--progress", choices=("auto", "rich", "plain", "none"), default="auto",
                      help="live progress on stderr: auto = a live display on a terminal, plain lines otherwise")
     out.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (same as --progress none)")
@@ -201,7 +239,7 @@ def config_from_args(args: argparse.Namespace) -> runner.LoadTestConfig:
     for name in ("batch_size", "flush_interval", "ingest_concurrency"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    defaults = ACCEPTANCE_DEFAULTS if args.report == "acceptance" else RUN_DEFAULTS
+    defaults = GOALS_DEFAULTS if args.report == "goals" else RUN_DEFAULTS
     return runner.LoadTestConfig(
         agents=args.agents or defaults[0],
         steps=args.steps or defaults[1],
@@ -224,7 +262,7 @@ def config_from_args(args: argparse.Namespace) -> runner.LoadTestConfig:
 
 
 def child_argv(args: argparse.Namespace, cfg: runner.LoadTestConfig) -> list[str]:
-    """Arguments an acceptance section's process gets (the same sizes and options)."""
+    """Arguments a goals section's process gets (the same sizes and options)."""
     argv = ["--agents", str(cfg.agents), "--steps", str(cfg.steps), "--payload-bytes", str(cfg.payload_bytes),
             "--fanout", str(cfg.fanout), "--growth" if cfg.growth else "--no-growth",
             "--verify" if cfg.verify else "--no-verify",
@@ -262,9 +300,15 @@ def format_report(res: dict[str, Any]) -> list[str]:
     cfg = res["config"]
     lines: list[str] = []
     env = res["environment"]
+    labels = [r["label"] for r in res["results"].values()]
     lines.append("langgraph-checkpoint-kusto load test")
+    if len(labels) > 1:
+        lines.append(f"compared: {labels[0]} against {len(labels) - 1} other saver(s): {'; '.join(labels[1:])} "
+                     "(the same workload on each, one saver after another in this process)")
+    else:
+        lines.append(f"saver: {', '.join(labels)}")
     lines.append(f"workload: {_workload_line(cfg)}")
-    lines.append(f"agents: {cfg['agents']} x {cfg['steps']} steps, all agents concurrent")
+    lines.append(f"run size: {cfg['agents']} agents x {cfg['steps']} steps, all agents concurrent, one thread each")
     opts = ", ".join(f"{k}={v}" for k, v in sorted(cfg["engine_options"].items())) or "defaults"
     lines.append(f"engine options: {opts}")
     if cfg.get("inject"):
@@ -275,12 +319,13 @@ def format_report(res: dict[str, Any]) -> list[str]:
     )
     for r in res["results"].values():
         lines.append("")
-        lines.extend(_format_target(r, res))
+        lines.extend(_format_saver(r, res))
     lines.append("")
     lines.extend(format_summary_tables(res))
     lines.append("")
     if res.get("checks"):
-        lines += ["issue 4 targets against the baselines (the goals are set for 200 agents x 20 steps):",
+        lines += [f"ours against the other savers, with the goals this tool sets "
+                  f"(this run: {reports.sizes(cfg['agents'], cfg['steps'])}):",
                   *format_checks(res["checks"]), ""]
     if res.get("workdir"):
         lines.append(f"store files kept in: {res['workdir']}")
@@ -295,13 +340,19 @@ def result_line(res: dict[str, Any]) -> str:
         return f"RESULT: FAILED ({', '.join(failed)})"
     if not res["config"].get("verify", True):
         return "RESULT: OK (not verified: --no-verify)"
-    threads = sum(r["verification"]["threads"] for r in res["results"].values())
+    per_saver = [r["verification"]["threads"] for r in res["results"].values()]
+    threads, n = sum(per_saver), len(per_saver)
+    savers = "1 saver" if n == 1 else f"each of the {n} savers"
     if res["config"].get("verify_sample") and res["config"]["verify_sample"] < res["config"]["agents"]:
-        return f"RESULT: OK ({threads} sampled threads verified, every checkpoint row present)"
-    return f"RESULT: OK (all {threads} threads verified)"
+        return (f"RESULT: OK ({threads} sampled threads verified, every checkpoint row present; "
+                f"{res['config']['verify_sample']} of {res['config']['agents']} on {savers})")
+    if len(set(per_saver)) == 1 and n > 1:
+        return (f"RESULT: OK (all {threads} threads verified: {per_saver[0]} on {savers}, "
+                "each read back and checked message by message)")
+    return f"RESULT: OK (all {threads} threads verified, each read back and checked message by message)"
 
 
-def _format_target(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
+def _format_saver(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
     lines = [f"== {r['label']} =="]
     if r.get("ops") is None:
         lines.append(f"  ERROR: {r['error']}")
@@ -407,17 +458,23 @@ def format_summary_tables(res: dict[str, Any]) -> list[str]:
 
 
 def format_checks(checks: list[dict[str, Any]]) -> list[str]:
+    """The comparisons as a table: ratio, the goal and the run size it is set for, met or missed."""
     rows = []
     for c in checks:
         if c["passed"] is None:
-            verdict = "n/a"
+            verdict = "-"
         else:
-            verdict = "PASS" if c["passed"] else "FAIL"
-        target = "-" if c.get("target") is None else f"{c['comparison']} {c['target']:g}x"
+            verdict = "met" if c["passed"] else "missed"
+            if c.get("at_goal_size") is False:
+                verdict += " (other size)"
+        goal = "-" if c.get("goal") is None else f"{c['comparison']} {c['goal']:g}x"
         o, b = c["ours"], c["base"]
-        rows.append([c["name"], xr(c["ratio"]), target, verdict,
-                     f"{_fig(o['value'], o['unit'])} ({o['label']})", f"{_fig(b['value'], b['unit'])} ({b['label']})"])
-    lines = table(["target", "ratio", "goal", "result", "ours / numerator", "baseline / denominator"], rows, "lrrlll")
+        rows.append([c["name"], xr(c["ratio"]), goal, c.get("goal_at") or ("any" if c.get("goal") is not None else "-"),
+                     verdict, f"{_fig(o['value'], o['unit'])} ({o['label']})", f"{_fig(b['value'], b['unit'])} ({b['label']})"])
+    lines = table(["comparison", "ratio", "goal", "goal set for", "result", "numerator", "denominator"], rows, "lrrllll")
+    if any(c.get("at_goal_size") is False for c in checks):
+        lines.append("(other size: this run's size is not the one the goal is set for; the goal is judged all the same. "
+                     "--goals runs every comparison at its goal's size)")
     notes = [f"  {c['name']}: {c['note']}" for c in checks if c.get("note")]
     if notes:
         lines += ["notes:", *notes]
@@ -439,8 +496,8 @@ def format_any(res: dict[str, Any]) -> list[str]:
     kind = res.get("report", "run")
     if kind == "run":
         return format_report(res)
-    if kind == "acceptance":
-        return format_acceptance(res)
+    if kind == "goals":
+        return format_goals(res)
     lines: list[str] = []
     for name, run in res["runs"].items():
         lines += [f"### {kind}: {name}", *format_report(run), ""]
@@ -455,7 +512,8 @@ def format_any(res: dict[str, Any]) -> list[str]:
                   f"{s['steps_while_stalled']} steps accepted in {s['stalled_s']:.1f} s stalled, "
                   f"agents blocked: {'yes' if s['agents_blocked'] else 'no'}", ""]
     if res.get("checks"):
-        lines += [f"{kind} figures:", *format_checks(res["checks"])]
+        lines += [f"{kind}: comparisons and goals (this run: {reports.sizes(res['config']['agents'], res['config']['steps'])}):",
+                  *format_checks(res["checks"])]
     return lines
 
 
@@ -502,9 +560,10 @@ def format_durability(res: dict[str, Any]) -> list[str]:
             *table(["durability", unit, "p50 aput ms", "p99 aput ms", "fsyncs/s", "error"], rows, "lrrrrl"), ""]
 
 
-def format_acceptance(res: dict[str, Any]) -> list[str]:
+def format_goals(res: dict[str, Any]) -> list[str]:
     env = res["environment"]
-    lines = ["langgraph-checkpoint-kusto acceptance figures (issue 4 load tests, issue 5 durability)",
+    lines = ["langgraph-checkpoint-kusto goals: every comparison this tool sets a goal for, "
+             "each section in its own process",
              f"python {env['python']} on {env['cpus']} CPUs; langgraph {env['versions'].get('langgraph')}, "
              f"duckdb {env['versions'].get('duckdb')}; {res['total_s']:.0f} s in all", ""]
     lines += format_checks(res["checks"])
@@ -518,8 +577,8 @@ def format_acceptance(res: dict[str, Any]) -> list[str]:
                      f"{mib(rss['large']['peak_rss_bytes'])} at {scale['agents'][1]} agents")
     unverified = [n for n, s in res["sections"].items() if not s.get("passed")]
     lines.append("")
-    lines.append(f"ACCEPTANCE: {res['checks_passed']} of {res['checks_passed'] + res['checks_failed']} targets met"
-                 + (f", {res['checks_not_judged']} not judged" if res["checks_not_judged"] else "")
+    lines.append(f"GOALS: {res['checks_passed']} of {res['checks_passed'] + res['checks_failed']} met"
+                 + (f", {res['checks_not_judged']} more for reference (no goal)" if res["checks_not_judged"] else "")
                  + ("; every thread verified" if not unverified else f"; NOT VERIFIED: {', '.join(unverified)}"))
     return lines
 
@@ -550,16 +609,16 @@ async def _run_report(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_e
     raise AssertionError(kind)
 
 
-def _acceptance(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: Any, out: TextIO, err: TextIO) -> dict[str, Any]:
+def _goals(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: Any, out: TextIO, err: TextIO) -> dict[str, Any]:
     import time
 
     started = time.perf_counter()
     sections: dict[str, dict[str, Any]] = {}
     opts = {"scale_agents": args.scale_agents, "memory_bound": args.memory_bound_bytes,
             "rounds": args.rounds, "isolate": args.isolate}
-    for name in reports.ACCEPTANCE_SECTIONS:
+    for name in reports.GOAL_SECTIONS:
         if not args.quiet:
-            print(f"== acceptance section: {name} ==", file=err, flush=True)
+            print(f"== goals section: {name} ==", file=err, flush=True)
         if args.isolate:
             # the child shows its own progress on our stderr when that is a real file
             stderr = err if _has_fileno(err) else None
@@ -570,7 +629,7 @@ def _acceptance(args: argparse.Namespace, cfg: runner.LoadTestConfig, on_event: 
             text = "\n".join(format_any(data)) + "\n"
         sections[name] = data
         print(f"#### section {name}\n{text}", file=out, flush=True)
-    return reports.summarize_acceptance(sections, started)
+    return reports.summarize_goals(sections, started)
 
 
 def _no_inject(cfg: runner.LoadTestConfig) -> runner.LoadTestConfig:
@@ -607,21 +666,23 @@ def execute(
         cfg.validate()
     except Exception as exc:  # noqa: BLE001 - ConfigError and friends: a usage error
         parser.error(str(exc))
-    if args.report == "acceptance" and args.store:
-        parser.error("--store cannot be used with --acceptance (each section uses its own temporary stores)")
+    if args.report == "goals" and args.store:
+        parser.error("--store cannot be used with --goals (each section uses its own temporary stores)")
     for path in (args.json, args.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"no such directory for {path!r}")
     display = progress_display(err, "none" if args.quiet else args.progress)
     try:
-        if args.report == "acceptance":
-            res = _acceptance(args, cfg, display, out, err)
+        if args.report == "goals":
+            res = _goals(args, cfg, display, out, err)
         else:
             res = asyncio.run(_run_report(args, cfg, display, out, err))
     finally:
         if display is not None:
             display.close()
-    for line in format_any(res):
+    lines = format_any(res)
+    verdict = lines.pop() if lines and lines[-1].startswith(("RESULT:", "GOALS:")) else None
+    for line in lines:
         print(line, file=out)
     runs = [res] if "results" in res else list(res.get("runs", {}).values())
     for run in runs:
@@ -631,14 +692,18 @@ def execute(
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=str)
-        print(f"results written to {args.json}", file=out)
+        print(f"results written to {os.path.abspath(args.json)}", file=out)
     if args.plot:
         from .plots import plot
 
         plot(res, args.plot)
-        print(f"plot written to {args.plot}", file=out)
-    ok = bool(res.get("passed")) if args.report != "acceptance" else bool(res.get("verified"))
-    if args.report == "acceptance" and args.strict and res.get("checks_failed"):
+        print(f"plot written to {os.path.abspath(args.plot)}", file=out)
+    if not args.json and not args.plot:
+        print("(--json PATH writes these results as JSON, --plot PATH draws them as a PNG)", file=out)
+    if verdict is not None:
+        print(verdict, file=out)
+    ok = bool(res.get("passed")) if args.report != "goals" else bool(res.get("verified"))
+    if args.report == "goals" and args.strict and res.get("checks_failed"):
         ok = False
     return (EXIT_OK if ok else EXIT_FAILED), res
 

@@ -4,7 +4,7 @@
   latency per operation per saver (log scale);
 * a sweep: throughput and p99 step latency against each swept parameter, the
   recommended value marked;
-* acceptance: each target's ratio against its goal (log scale), pass in green.
+* goals: each comparison's ratio against its goal (log scale), met in green.
 """
 
 from __future__ import annotations
@@ -112,15 +112,15 @@ def plot_checks(res: dict[str, Any], path: str) -> None:
     colors = ["tab:green" if c["passed"] else ("tab:gray" if c["passed"] is None else "tab:red") for c in checks]
     ax.barh(list(ys), [c["ratio"] for c in checks], color=colors)
     for y, c in zip(ys, checks):
-        if c.get("target") is not None:
-            ax.plot([c["target"]], [y], marker="|", markersize=18, color="black")
-        ax.text(c["ratio"], y, f" {c['ratio']:.2f}x (goal {c['comparison']} {c['target'] if c.get('target') is not None else '-'})",
+        if c.get("goal") is not None:
+            ax.plot([c["goal"]], [y], marker="|", markersize=18, color="black")
+        ax.text(c["ratio"], y, f" {c['ratio']:.2f}x (goal {c['comparison']} {c['goal'] if c.get('goal') is not None else '-'})",
                 va="center", fontsize=8)
     ax.set_yticks(list(ys), [c["name"] for c in checks], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("ratio (black tick: goal)")
-    ax.set_title("acceptance figures")
+    ax.set_title("comparisons and their goals")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -130,7 +130,7 @@ def plot(res: dict[str, Any], path: str) -> None:
     kind = res.get("report", "run")
     if kind == "sweep":
         plot_sweep(res, path)
-    elif kind == "acceptance":
+    elif kind == "goals":
         plot_checks(res, path)
     else:
         plot_runs(res, path)

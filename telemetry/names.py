@@ -1,4 +1,4 @@
-"""Every instrument, attribute and span name, in one place (documented in the README table).
+"""Every instrument, attribute and span name, in one place (documented in the table of docs/telemetry.md).
 
 Semantic conventions are followed where one exists: ``db.client.operation.duration``
 with ``db.system.name``, ``db.operation.name``, ``db.namespace``, ``db.collection.name``,
@@ -76,7 +76,7 @@ TOMBSTONES_PENDING = "kusto_checkpoint.tombstones.pending"
 COMPACTION_FAILURES = "kusto_checkpoint.compaction.failures"
 FORKS = "kusto_checkpoint.forks"
 
-#: every metric, in the README table's order
+#: every metric, in the order of the table in docs/telemetry.md
 METRICS = (
     OPERATION_DURATION, MAILBOX_DEPTH, MAILBOX_CAPACITY, BATCH_ROWS, BATCH_BYTES, INGEST_DURATION,
     INGEST_BATCHES, INGEST_RETRIES, QUERY_DURATION, ACTOR_RESTARTS, BACKPRESSURE_WAIT, BUFFERED_BYTES,

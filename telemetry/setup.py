@@ -90,7 +90,7 @@ def configure_telemetry(
     * ``export_interval``: seconds between metric pushes (console, OTLP).
     * ``trace_sample_ratio``: fraction of traces recorded (``ParentBased(TraceIdRatioBased)``:
       a call inside a sampled host span is always recorded). Every recorded span costs
-      the SDK's span price (see the README's overhead figures); 0.1 keeps traces
+      the SDK's span price (see the overhead figures in docs/telemetry.md); 0.1 keeps traces
       representative at a fraction of it. Metrics are not sampled.
     * ``set_global``: install the providers as OpenTelemetry's global ones (what the
       saver uses by default; OpenTelemetry allows this once per process). With

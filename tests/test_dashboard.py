@@ -1,5 +1,5 @@
 """The shipped Grafana dashboard queries metrics the Prometheus exporter really produces,
-and the renderer that draws it for the README evaluates its PromQL correctly."""
+and the renderer that draws it for docs/telemetry.md evaluates its PromQL correctly."""
 
 from __future__ import annotations
 

@@ -1052,7 +1052,7 @@ live = pytest.mark.skipif(
     not (LIVE_URI and LIVE_DB),
     reason="live Kusto tests need KUSTO_CLUSTER_URI and KUSTO_DATABASE (DefaultAzureCredential signs in, e.g. "
     "from AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET; KUSTO_INGEST_MODE=streaming|managed|queued|inline, "
-    "KUSTO_PROVISION=1 runs provision.kql first; see the README)",
+    "KUSTO_PROVISION=1 runs provision.kql first; see docs/kusto.md)",
 )
 
 

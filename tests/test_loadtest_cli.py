@@ -55,7 +55,14 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
     assert "summary (same workload, same process, one saver after another):" in text
     for label in ("AsyncKustoSaver (embedded DuckDB)", "InMemorySaver", "InMemorySaver, reads yield once", "AsyncSqliteSaver"):
         assert label in text
-    assert "RESULT: OK (all 20 threads verified)" in text
+    assert ("compared: AsyncKustoSaver (embedded DuckDB) against 3 other saver(s): InMemorySaver; "
+            "InMemorySaver, reads yield once; AsyncSqliteSaver") in text
+    assert f"run size: {agents} agents x {steps} steps" in text
+    # the goals say the run size they are set for; a run of another size says so
+    assert "goal set for" in text and "200 agents x 20 steps" in text and "(other size)" in text
+    assert "--json PATH writes these results as JSON" in text
+    assert text.rstrip().endswith("RESULT: OK (all 20 threads verified: 5 on each of the 4 savers, "
+                                  "each read back and checked message by message)")
 
 
 def test_failed_verification_exits_non_zero(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,6 +147,40 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert info.value.code == 2
 
 
+def test_help_states_each_default_once_and_every_ingest_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    from langgraph.checkpoint.kusto.engine.backends.kusto import INGEST_MODES
+
+    with pytest.raises(SystemExit) as info:
+        cli.execute(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    # one option's help, whitespace folded: everything from its flag to the next option
+    for flag in re.findall(r"^  (-[-\w]+)", text, re.M):
+        block = " ".join(text.split(f"\n  {flag}", 1)[1].split("\n  -", 1)[0].split())
+        assert block.count("default") <= 1, (flag, block)
+        assert "(default: None)" not in block and "(default: False)" not in block and "(default: [])" not in block
+    assert "{" + ",".join(INGEST_MODES) + "}" in text
+    assert "inline" in INGEST_MODES
+    # the goals report: named goals, no outside references
+    folded = " ".join(text.split())
+    assert "--goals" in text and ">= 0.5x InMemorySaver's" in folded
+    from langgraph.checkpoint.kusto.loadtests import reports
+
+    for goal in reports.GOALS.values():  # --help states every goal the reports judge by
+        assert f"{goal:g}x" in folded, goal
+    for word in ("issue", "acceptance", "ticket", "target"):
+        assert word not in text.lower(), word
+
+
+def test_old_report_names_still_run_the_goals_report() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["--acceptance"]).report == "goals"
+    assert parser.parse_args(["--report", "acceptance"]).report == "goals"
+    assert parser.parse_args(["--goals"]).report == "goals"
+
+
 def test_python_dash_m_runs_and_prints_the_summary() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "langgraph.checkpoint.kusto.loadtests", "--agents", "3", "--steps", "2"],
@@ -154,5 +195,6 @@ def test_python_dash_m_runs_and_prints_the_summary() -> None:
     assert "threads OK 3, failed 0" in out
     assert "invocations/s" in out and "checkpoints/s" in out and "peak RSS" in out
     assert "InMemorySaver" in out and "AsyncSqliteSaver" in out
-    assert out.rstrip().endswith("RESULT: OK (all 12 threads verified)")  # ours and 3 baselines
+    assert out.rstrip().endswith("RESULT: OK (all 12 threads verified: 3 on each of the 4 savers, "
+                                 "each read back and checked message by message)")
     assert "[kusto] verified: 3 OK, 0 failed" in proc.stderr  # progress goes to stderr
