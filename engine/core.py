@@ -317,7 +317,10 @@ class Engine:
         checkpoint_id: str | None = None,
         before: str | None = None,
         limit: int | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> list[Bundle]:
+        """``metadata``: (key, text) pairs the backend matches on the checkpoints'
+        metadata (a superset of the caller's exact filter: ``tostring`` of the value)."""
         rt = self._check()
         spec = ReadSpec(
             (thread_id,) if thread_id is not None else None,
@@ -325,6 +328,7 @@ class Engine:
             checkpoint_id,
             before,
             limit,
+            metadata=metadata,
         )
         return await self._ask(rt, "cache", Read(spec, rt.reply()))  # type: ignore[no-any-return]
 

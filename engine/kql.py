@@ -55,7 +55,23 @@ _BEFORE = f"""let before_cut = toscalar({CHECKPOINTS.name}
 | summarize max(written_at));"""
 
 
-def checkpoints_query(limit: int | None, with_values: bool) -> str:
+def _metadata_filter(pairs: int) -> str:
+    """The checkpoints whose metadata holds each of ``pairs`` (key ``mk{i}``, value whose
+    text is ``mv{i}``), as ``let matched``. A bag is expanded into [key, value] pairs
+    (``mv-expand kind=array``), since neither engine indexes a dynamic by a parameter."""
+    if not pairs:
+        return ""
+    match = " or ".join(f"(mk == mk{i} and mv == mv{i})" for i in range(pairs))
+    return f"""let matched = visible
+| mv-expand kind=array m = metadata
+| extend mk = tostring(m[0]), mv = tostring(m[1])
+| where {match}
+| summarize hits = count() by thread_id, checkpoint_ns, checkpoint_id
+| where hits == {int(pairs)};
+"""
+
+
+def checkpoints_query(limit: int | None, with_values: bool, metadata_pairs: int = 0) -> str:
     """Visible checkpoints (deduplicated, tombstones honoured), newest first, with
     the threads' deletion times (:data:`_FLOORS`).
 
@@ -65,12 +81,16 @@ def checkpoints_query(limit: int | None, with_values: bool) -> str:
     sorts; ``order by`` here only chooses which rows ``take`` keeps.
     """
     columns = _CK_COLUMNS if with_values else "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, run_id, written_at"
-    text = f"""declare query_parameters({_CHECKPOINTS_PARAMS});
+    if isinstance(metadata_pairs, bool) or not isinstance(metadata_pairs, int) or metadata_pairs < 0:
+        raise ValueError(f"metadata_pairs must be a non-negative integer, got {metadata_pairs!r}")
+    declared = _CHECKPOINTS_PARAMS + "".join(f", mk{i}:string, mv{i}:string" for i in range(metadata_pairs))
+    source = "visible | join kind=inner matched on thread_id, checkpoint_ns, checkpoint_id" if metadata_pairs else "visible"
+    text = f"""declare query_parameters({declared});
 {_TOMBSTONE_LETS}
 {_VISIBLE}
 {_BEFORE}
 {_FLOORS}
-let page = visible
+{_metadata_filter(metadata_pairs)}let page = {source}
 | where isempty(before) or written_at < before_cut or (has_before_at and written_at < before_at)
 | where not(has_page) or written_at < page_at or (written_at == page_at and checkpoint_id !in (page_ids))
 | project {columns}
@@ -106,10 +126,17 @@ def checkpoints_params(
     before: str | None = None,
     before_at: int | None = None,
     page: tuple[int, list[str]] | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, Any]:
     """``page``: the previous page's oldest stamp and the ids it returned with that stamp
-    (the next page starts below them)."""
+    (the next page starts below them). ``metadata``: the (key, text) pairs of
+    :func:`checkpoints_query`'s ``metadata_pairs``."""
+    pairs = {}
+    for i, (k, v) in enumerate(metadata):
+        pairs[f"mk{i}"] = k
+        pairs[f"mv{i}"] = v
     return {
+        **pairs,
         "tids": list(thread_ids or ()),
         "all_threads": thread_ids is None,
         "ns": checkpoint_ns or "",
@@ -229,6 +256,7 @@ def all_templates() -> list[tuple[str, str]]:
     return [
         ("checkpoints", checkpoints_query(None, True)),
         ("checkpoints_limit", checkpoints_query(10, True)),
+        ("checkpoints_metadata", checkpoints_query(10, True, 2)),
         ("checkpoint_headers", checkpoints_query(None, False)),
         ("latest", latest_query()),
         ("values", VALUES_QUERY),

@@ -150,6 +150,10 @@ class ReadSpec:
     with_values: bool = True
     #: get_tuple without checkpoint_id: the latest visible checkpoint, cached
     latest: bool = False
+    #: metadata (key, text) pairs every checkpoint must have, evaluated by the backend
+    #: (``tostring(metadata[key]) == text``: a superset of an exact match, which the
+    #: caller applies to what comes back)
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class Read(Message):

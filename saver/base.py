@@ -28,6 +28,7 @@ from .rows import (
     encode_writes,
     ids_of,
     metadata_matches,
+    metadata_pushdown,
 )
 from .telemetry import Instruments
 
@@ -113,7 +114,8 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             tid, ns, cid = None, None, None
         before_id = ids_of(before, thread_required=False)[2] if before else None
         bundles = await self.engine.list(
-            tid, ns, checkpoint_id=cid, before=before_id, limit=None if filter else limit
+            tid, ns, checkpoint_id=cid, before=before_id, limit=None if filter else limit,
+            metadata=metadata_pushdown(filter) if filter else (),
         )
         if filter:
             bundles = [b for b in bundles if metadata_matches(b, filter)]

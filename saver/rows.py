@@ -314,3 +314,22 @@ def delta_history(
 def metadata_matches(bundle: Bundle, filter: Mapping[str, Any]) -> bool:
     meta = orjson.loads(bundle.checkpoint.metadata_json)
     return all(meta.get(k) == v for k, v in filter.items())
+
+
+def metadata_pushdown(filter: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The part of a ``list`` filter the backend can evaluate: (key, text) for each
+    string, integer or boolean value, as Kusto's ``tostring`` writes it. A match there is
+    a superset of the exact one (``"1"`` and ``1`` read alike), which
+    :func:`metadata_matches` then applies; other values (None, floats, lists, dicts) are
+    matched only here."""
+    out = []
+    for k, v in filter.items():
+        if not isinstance(k, str):
+            continue
+        if isinstance(v, bool):
+            out.append((_utf8(k, "a filter key"), "true" if v else "false"))
+        elif isinstance(v, int) and abs(v) < 2**63:
+            out.append((_utf8(k, "a filter key"), str(v)))
+        elif isinstance(v, str):
+            out.append((_utf8(k, "a filter key"), _utf8(v, "a filter value")))
+    return tuple(out)

@@ -308,3 +308,56 @@ async def test_reads_stay_inside_kusto_result_limits(anyio_backend: str) -> None
             assert latest is not None and latest.metadata["step"] == 149
             page = [x async for x in fresh.alist(cfg("long"), before=cfg("long", got[10].checkpoint["id"]), limit=3)]
             assert [x.metadata["step"] for x in page] == [138, 137, 136]
+
+
+FILTERS = [
+    {"source": "loop"},
+    {"step": 3},
+    {"source": "input", "step": 0},
+    {"flag": True},
+    {"flag": False},
+    {"note": None},
+    {"nested": {"a": [1, 2]}},
+    {"step": "3"},
+    {"missing": "x"},
+    {"it's": 'say "hi"'},
+]
+
+
+async def _filtered(saver: Any, reference: Any) -> None:
+    for step in range(6):
+        cid = str(uuid6(clock_seq=step))
+        for s in (saver, reference):
+            c = empty_checkpoint()
+            c["id"] = cid
+            meta = {"source": "input" if step % 3 == 0 else "loop", "step": step, "flag": step % 2 == 0,
+                    "nested": {"a": [1, 2]} if step == 4 else {"a": []}, "it's": 'say "hi"' if step == 5 else "no"}
+            if step == 2:
+                meta["note"] = None
+            await s.aput(cfg("f"), c, meta, {})
+    for flt in FILTERS:
+        want = [x.checkpoint["id"] async for x in reference.alist(cfg("f"), filter=flt)]
+        got = [x.checkpoint["id"] async for x in saver.alist(cfg("f"), filter=flt)]
+        assert sorted(got) == sorted(want) and len(got) == len(want), flt
+        got = [x.checkpoint["id"] async for x in saver.alist(cfg("f"), filter=flt, limit=1)]
+        assert got == want[:1], flt
+
+
+async def test_metadata_filters_are_evaluated_by_the_backend(anyio_backend: str) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    async with loopback() as srv:
+        async with saver_for(srv) as saver:
+            await _filtered(saver, InMemorySaver())
+        sent = [r for r in srv.requests if r.route == "query" and "mv-expand" in str(r.body)]
+        assert sent, "list(filter=...) asks the backend to match the metadata"
+
+
+async def test_metadata_filters_on_the_embedded_store(anyio_backend: str) -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    async with AsyncKustoSaver.embedded(":memory:", **FAST) as saver:
+        await _filtered(saver, InMemorySaver())
+        await saver.flush()
+    async with AsyncKustoSaver.embedded(":memory:", **FAST) as saver:
+        await _filtered(saver, InMemorySaver())  # (from the overlay, then the store)

@@ -11,6 +11,7 @@ provision.kql first; ``KUSTO_LOAD_AGENTS`` / ``KUSTO_LOAD_STEPS`` size the load 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -353,7 +354,11 @@ def test_every_backend_gets_the_same_defaults_and_a_smaller_bound_stays_valid() 
     # the same for the embedded store, also behind a FaultyBackend
     for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend()),
                   FaultyBackend(KustoBackend("https://c.kusto.windows.net", "db", credential=_FakeCredential()))):
-        assert AsyncKustoSaver(local).options == EngineConfig()
+        o = AsyncKustoSaver(local).options
+        # the consistency the store calls for (engine/config.py), and its durability
+        shared = isinstance(getattr(local, "inner", None), KustoBackend)
+        assert (o.consistency, o.durability) == (("shared", "ingested") if shared else ("sticky", "memory"))
+        assert dataclasses.replace(o, consistency=None, durability="memory") == EngineConfig()
         assert AsyncKustoSaver(local, max_buffered_bytes=64 * 2**20).options.ingest_concurrency == 7
 
 

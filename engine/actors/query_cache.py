@@ -489,9 +489,9 @@ class QueryCache(Actor):
         page: tuple[int, list[str]] | None = None
         while True:
             want = kql.READ_PAGE if limit is None else min(kql.READ_PAGE, limit - len(out))
-            text = kql.checkpoints_query(want, spec.with_values)
+            text = kql.checkpoints_query(want, spec.with_values, len(spec.metadata))
             params = kql.checkpoints_params(
-                spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id, spec.before, before_at, page
+                spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id, spec.before, before_at, page, spec.metadata
             )
             rows = await rt.instruments.query(
                 msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
