@@ -1118,8 +1118,9 @@ class _StatusWatch:
         self.last_poll = -math.inf
         self._lock: anyio.Lock | None = None
         self.clock = _monotonic
-        #: reports read (for tests and diagnostics): "succeeded" / "failed" / "foreign"
-        self.counts: dict[str, int] = {"succeeded": 0, "failed": 0, "foreign": 0, "stale": 0}
+        #: reports read (for tests and diagnostics): ours ("succeeded", "failed", "late":
+        #: after we gave up), others' left in place ("foreign"), "stale" ones deleted
+        self.counts: dict[str, int] = {"succeeded": 0, "failed": 0, "late": 0, "foreign": 0, "stale": 0}
         #: the last failed read of the status queues, if any (named in a timeout's error)
         self.last_error: str | None = None
 
@@ -1160,10 +1161,12 @@ class _StatusWatch:
             finally:
                 self.last_poll = self.clock()
             for sid, error in reports:
-                self.counts["succeeded" if error is None else "failed"] += 1
                 pending = self.waiting.get(sid)
-                if pending is not None:
-                    pending.resolve(sid, error)
+                if pending is None:
+                    self.counts["late"] += 1  # given up on already: its batch was sent again
+                    continue
+                self.counts["succeeded" if error is None else "failed"] += 1
+                pending.resolve(sid, error)
 
     def _read_sync(self, wanted: set[str]) -> list[tuple[str, BaseException | None]]:
         from azure.kusto.ingest.status import FailureMessage, KustoIngestStatusQueues, SuccessMessage
