@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
@@ -235,3 +236,22 @@ async def test_a_missing_report_is_a_transient_timeout_and_the_batch_is_sent_aga
         # one blob per batch (a put writes two tables), and the unreported one once more
         assert len(srv.queued.ingested) == stats["batches_ok"] + 1, "sent again after status_timeout"
         assert "unreported" in stored_threads(srv)
+
+
+async def test_two_replicas_sharing_the_status_queues_each_get_their_own_reports(
+    anyio_backend: str, azurite: azurite_server.Azurite
+) -> None:
+    """The status queues are the cluster's, shared by every client: a replica reading a
+    report of another's blob leaves it in the queue (it shows again after its visibility
+    timeout) instead of deleting it, so both replicas' flushes are confirmed."""
+    async with dm_loopback(azurite) as srv:
+        a, b = backend_for(srv), backend_for(srv)
+        async with AsyncKustoSaver(a, **FAST) as one, AsyncKustoSaver(b, **FAST) as two:
+            await put_one(one, "replica-a")
+            await put_one(two, "replica-b")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one.flush)
+                tg.start_soon(two.flush)
+        assert {"replica-a", "replica-b"} <= stored_threads(srv)
+        assert a._status.counts["succeeded"] >= 1 and b._status.counts["succeeded"] >= 1
+        assert a._status.counts["failed"] == b._status.counts["failed"] == 0
