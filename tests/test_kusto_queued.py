@@ -255,3 +255,19 @@ async def test_two_replicas_sharing_the_status_queues_each_get_their_own_reports
         assert {"replica-a", "replica-b"} <= stored_threads(srv)
         assert a._status.counts["succeeded"] >= 1 and b._status.counts["succeeded"] >= 1
         assert a._status.counts["failed"] == b._status.counts["failed"] == 0
+
+
+async def test_a_batch_awaiting_its_report_does_not_hold_an_ingest_slot(
+    anyio_backend: str, azurite: azurite_server.Azurite
+) -> None:
+    """With one ingest slot, batches are still handed to Kusto while earlier ones await
+    their reports: they land in the same sealed batch of the batching policy. Holding the
+    slot for the wait would send one blob per batching delay (one blob per sealed group)."""
+    async with dm_loopback(azurite, batching_delay=2.0) as srv:
+        async with AsyncKustoSaver(backend_for(srv), ingest_concurrency=1, batch_size=1, **FAST) as saver:
+            for i in range(4):
+                await put_one(saver, f"slot-{i}")
+            await saver.flush()
+        assert srv.queued is not None
+        assert max(n for _, _, n in srv.queued.sealed) >= 2, srv.queued.sealed
+        assert {f"slot-{i}" for i in range(4)} <= stored_threads(srv)
