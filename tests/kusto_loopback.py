@@ -51,7 +51,8 @@ Supported
       .execute database script [with (ContinueOnErrors=true)] <| one command per line
           starting with '.' (answers Completed/Failed/Skipped per command, like Kusto)
       .clear cache streaming ingestion schema         (no-op)
-      .get ingestion resources                        (refused: no queued ingestion)
+      .get ingestion resources | .get kusto identity token
+          (refused unless queued ingestion is enabled: see below)
       .ingest inline into table T [with (format=json|multijson|singlejson,
           ingestionMappingReference=m)] <| data     (mapped like streaming ingestion)
 
@@ -73,10 +74,17 @@ Supported
   counters per route (``server.counts``) and a log of every request (``server.requests``,
   with the body and the ``Parameters`` exactly as the client sent them).
 
+* Queued ingestion (``QueuedIngestClient``, the managed client's fallback) once
+  ``server.enable_queued_ingestion(azurite)`` is called with a started Azurite storage
+  emulator (tests/azurite_server.py): the endpoint then answers as the data management
+  endpoint too (pass ``server.uri`` as the ingest URI) and a background thread ingests
+  what the queue says after a batching delay, reporting each blob's outcome to the
+  status queues (``QueuedIngestionService``).
+
 Not supported
 -------------
-Authentication (none is checked), queued ingestion (``QueuedIngestClient`` and the managed
-client's fallback need the DM endpoint, blob storage and queues), ingestion from blob URLs,
+Authentication (none is checked), queued ingestion without Azurite, ingestion from blob URLs
+on the streaming route,
 CSV/Avro/Parquet ingestion, update policies, ``materialized_view()``, progressive/streaming
 v2 responses, ``.show operations``, extents, purge, functions, and retention/caching policies
 having any effect. DuckDB folds identifier case, so two tables differing only in case
@@ -1002,6 +1010,8 @@ class LoopbackKusto:
         self.mappings: dict[tuple[str, str], tuple[str, str]] = {}
         self.policies: dict[tuple[str, str, str], Any] = {}
         self.materialized_views: dict[str, dict[str, Any]] = {}
+        #: queued ingestion (data management emulation), see enable_queued_ingestion
+        self.queued: QueuedIngestionService | None = None
         self._table_props: dict[str, dict[str, str]] = {}
         self._log_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -1028,6 +1038,8 @@ class LoopbackKusto:
         httpd = self._httpd
         if httpd is None:
             return
+        if self.queued is not None:
+            self.queued.stop()
         self._stopping.set()
         httpd.shutdown()
         for sock in list(httpd.connections):
@@ -1099,6 +1111,14 @@ class LoopbackKusto:
             if isinstance(policy, dict) and "IsEnabled" in policy:
                 return bool(policy["IsEnabled"])
         return False
+
+    def enable_queued_ingestion(self, storage: Any, **options: Any) -> QueuedIngestionService:
+        """Serve queued ingestion over ``storage`` (a started ``tests.azurite_server.Azurite``):
+        see :class:`QueuedIngestionService` (``options`` go to it). Stopped with the server."""
+        if self.queued is not None:
+            raise RuntimeError("queued ingestion is enabled already")
+        self.queued = QueuedIngestionService(self, storage, **options).start()
+        return self.queued
 
     # -- internals ----------------------------------------------------------
 
@@ -1541,10 +1561,17 @@ class LoopbackKusto:
                     ("RecordsMatchPredicate", "long")], rows)
 
     def _cmd_ingestion_resources(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        if self.queued is not None:
+            return self.queued.resources_result()
         raise KustoRequestError(
             "Queued ingestion is not supported by the loopback: '.get ingestion resources' "
             "needs a data management endpoint with blob storage and queues",
             code="BadRequest_NotSupported")
+
+    def _cmd_identity_token(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        if self.queued is None:
+            return self._cmd_ingestion_resources(m, _p)  # the same refusal
+        return _v1([("AuthorizationContext", "string")], [[self.queued.identity_token]])
 
     # scripts ------------------------------------------------------------------------
 
@@ -1745,6 +1772,7 @@ _COMMANDS: list[tuple[re.Pattern[str], Any]] = [
          r"records(?:WITH)?\s*<\|(?P<predicate>.+)$"),
      LoopbackKusto._cmd_delete_records),
     (_rx(r"\.get\s+ingestion\s+resources$"), LoopbackKusto._cmd_ingestion_resources),
+    (_rx(r"\.get\s+kusto\s+identity\s+token$"), LoopbackKusto._cmd_identity_token),
     (_rx(r"\.ingest\s+inline\s+into\s+table\s+(?P<table>NAME)(?:WITH)?\s*<\|(?P<data>.*)$"),
      LoopbackKusto._cmd_ingest_inline),
     (_rx(r"\.clear\s+cache\s+streaming\s+ingestion\s+schema$"),
@@ -1752,3 +1780,226 @@ _COMMANDS: list[tuple[re.Pattern[str], Any]] = [
     (_rx(r"\.execute\s+database\s+script(?:WITH)?\s*<\|(?P<script>.+)$"),
      LoopbackKusto._cmd_script),
 ]
+
+
+# ---------------------------------------------------------------------------
+# Queued ingestion: the data management service, over Azurite
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _QueuedFailure:
+    """An injected rejection: the next ``n`` blobs fail with this report."""
+
+    n: int
+    code: str
+    details: str
+    status: str
+    should_retry: bool
+
+
+class QueuedIngestionService:
+    """What Kusto's data management (``ingest-``) endpoint does for queued ingestion, on
+    an Azurite storage account (``tests/azurite_server.py``):
+
+    * ``.get ingestion resources`` answers ``ResourceTypeName``/``StorageRoot`` rows: a
+      ``SecuredReadyForAggregationQueue``, ``TempStorage`` (a blob container),
+      ``FailedIngestionsQueue``, ``SuccessfulIngestionsQueue`` (Azurite queues) and an
+      ``IngestionsStatusTable``, as account-SAS URLs (path style: ``http://127.0.0.1:port/
+      devstoreaccount1/<name>?<sas>``; the SDK's ``_ResourceUri`` splits them into the
+      account URL and the container/queue name); ``.get kusto identity token`` an
+      ``AuthorizationContext``. The status table is listed (the SDK requires every kind)
+      but not used: the Python SDK reports only to queues (``ReportMethod.Queue``).
+    * A background thread reads the ingestion queue (the SDK's ``IngestionBlobInfo``
+      JSON, base64), groups blobs per (database, table) and seals a group after
+      ``batching_delay`` seconds or ``max_items`` blobs (the batching policy's
+      MaximumBatchingTimeSpan / MaximumNumberOfItems; Kusto's defaults are 5 minutes
+      and 1000 items: https://learn.microsoft.com/azure/data-explorer/kusto/management/batching-policy),
+      then downloads each blob (gzip by its magic bytes), maps its JSON rows like the
+      streaming route (``ingestionMappingReference``) and appends them.
+    * Each blob's outcome is reported as Kusto does for ``ReportLevel`` FailuresOnly (0)
+      or FailuresAndSuccesses (2) with ``ReportMethod`` Queue: a base64 JSON message on
+      the success or failure queue with ``OperationId``, ``Database``, ``Table``,
+      ``IngestionSourceId`` (the blob's ``Id``), ``IngestionSourcePath``,
+      ``RootActivityId`` and ``SucceededOn``, or ``FailedOn``, ``Details``, ``ErrorCode``,
+      ``FailureStatus``, ``OriginatesFromUpdatePolicy``, ``ShouldRetry`` (the fields
+      azure-kusto-ingest's ``status.py`` reads). DoNotReport (1): nothing, as Kusto.
+
+    ``fail_next(n, code=..., details=...)`` makes the next ``n`` blobs fail with that
+    report (nothing of them is stored); a missing table or mapping fails a blob by itself;
+    ``lose_reports_next(n)``: the next ``n`` blobs are ingested without a report.
+    ``ingested`` / ``failed`` list the source ids handled; ``sealed`` the time each group
+    was sealed (``time.monotonic()``) with its table and blob count.
+    """
+
+    INGEST_QUEUE = "readyforaggregation-secured"
+    CONTAINER = "tempstorage"
+    SUCCESS_QUEUE = "successfulingestions"
+    FAILURE_QUEUE = "failedingestions"
+    STATUS_TABLE = "ingestionsstatus"
+
+    def __init__(self, server: LoopbackKusto, storage: Any, *, batching_delay: float = 0.2,
+                 max_items: int = 1000, poll_interval: float = 0.05) -> None:
+        self.server = server
+        self.storage = storage
+        self.batching_delay = batching_delay
+        self.max_items = max_items
+        self.poll_interval = poll_interval
+        self.identity_token = "loopback-authorization-context-" + uuid.uuid4().hex
+        self.ingested: list[str] = []
+        self.failed: list[str] = []
+        self.sealed: list[tuple[float, str, int]] = []
+        self._failures: list[_QueuedFailure] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fail_lock = threading.Lock()
+        self._lost_reports = 0
+
+    # -- setup ---------------------------------------------------------------
+
+    def start(self) -> QueuedIngestionService:
+        from azure.storage.blob import BlobServiceClient
+        from azure.storage.queue import QueueServiceClient
+
+        cs = self.storage.connection_string
+        BlobServiceClient.from_connection_string(cs).create_container(self.CONTAINER)
+        queues = QueueServiceClient.from_connection_string(cs)
+        for name in (self.INGEST_QUEUE, self.SUCCESS_QUEUE, self.FAILURE_QUEUE):
+            queues.create_queue(name)
+        self._thread = threading.Thread(target=self._run, name="kusto-loopback:queued",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def resources_result(self) -> dict[str, Any]:
+        blob, queue = self.storage.endpoints["blob"], self.storage.endpoints["queue"]
+        table = self.storage.endpoints["table"]
+        bsas, qsas = self.storage.sas("blob"), self.storage.sas("queue")
+        rows = [
+            ["SecuredReadyForAggregationQueue", f"{queue}/{self.INGEST_QUEUE}?{qsas}"],
+            ["TempStorage", f"{blob}/{self.CONTAINER}?{bsas}"],
+            ["FailedIngestionsQueue", f"{queue}/{self.FAILURE_QUEUE}?{qsas}"],
+            ["SuccessfulIngestionsQueue", f"{queue}/{self.SUCCESS_QUEUE}?{qsas}"],
+            ["IngestionsStatusTable", f"{table}/{self.STATUS_TABLE}?{qsas}"],
+        ]
+        return _v1([("ResourceTypeName", "string"), ("StorageRoot", "string")], rows)
+
+    def fail_next(self, n: int = 1, *, code: str = "BadRequest_InvalidMapping",
+                  details: str = "Mapping is invalid (injected by the loopback).",
+                  status: str = "Permanent", should_retry: bool = False) -> None:
+        with self._fail_lock:
+            self._failures.append(_QueuedFailure(n, code, details, status, should_retry))
+
+    def lose_reports_next(self, n: int = 1) -> None:
+        """The next ``n`` blobs are ingested but report nothing (a report that never comes)."""
+        with self._fail_lock:
+            self._lost_reports += n
+
+    def _take_failure(self) -> _QueuedFailure | None:
+        with self._fail_lock:
+            while self._failures and self._failures[0].n <= 0:
+                self._failures.pop(0)
+            if not self._failures:
+                return None
+            self._failures[0].n -= 1
+            return self._failures[0]
+
+    # -- the service ------------------------------------------------------------
+
+    def _run(self) -> None:
+        import time
+
+        from azure.storage.queue import QueueClient, TextBase64DecodePolicy
+
+        cs = self.storage.connection_string
+        inbox = QueueClient.from_connection_string(
+            cs, self.INGEST_QUEUE, message_decode_policy=TextBase64DecodePolicy())
+        groups: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = {}
+        while not (self._stop.wait(self.poll_interval) or self.server._stopping.is_set()):
+            try:
+                for m in inbox.receive_messages(messages_per_page=32, visibility_timeout=300):
+                    info = json.loads(m.content)
+                    key = (info.get("DatabaseName"), info.get("TableName"))
+                    since, items = groups.setdefault(key, (time.monotonic(), []))
+                    items.append(info)
+                    inbox.delete_message(m)
+                now = time.monotonic()
+                for key, (since, items) in list(groups.items()):
+                    if now - since >= self.batching_delay or len(items) >= self.max_items:
+                        del groups[key]
+                        self.sealed.append((now, str(key[1]), len(items)))
+                        for info in items:
+                            self._ingest_blob(info)
+            except Exception as exc:  # noqa: BLE001 - a loopback bug: keep it for the test
+                if not self._stop.is_set():
+                    self.server.errors.append(exc)
+
+    def _ingest_blob(self, info: dict[str, Any]) -> None:
+        from azure.storage.blob import BlobClient
+
+        database, table = info.get("DatabaseName"), info.get("TableName")
+        source_id = str(info.get("Id"))
+        path = str(info.get("BlobPath"))
+        props = info.get("AdditionalProperties") or {}
+        failure = self._take_failure()
+        try:
+            if failure is not None:
+                raise KustoRequestError(failure.details, code=failure.code)
+            self.server._check_database(database)
+            columns = self.server._require_table(str(table))
+            fmt = str(props.get("format", "csv")).lower()
+            if fmt not in ("json", "multijson", "singlejson"):
+                raise KustoRequestError(f"The loopback ingests json/multijson/singlejson, not '{fmt}'",
+                                        code="BadRequest_FormatNotSupported")
+            data = BlobClient.from_blob_url(path).download_blob().readall()
+            if data[:2] == b"\x1f\x8b":
+                data = gzip.decompress(data)
+            docs = _json_documents(data.decode("utf-8"), fmt)
+            self.server._store(str(table), columns, docs, props.get("ingestionMappingReference"))
+        except KustoRequestError as exc:
+            self.failed.append(source_id)
+            self._report(info, False, code=failure.code if failure else exc.code,
+                         details=str(exc), status=failure.status if failure else "Permanent",
+                         should_retry=failure.should_retry if failure else False)
+            return
+        self.ingested.append(source_id)
+        with self._fail_lock:
+            lost, self._lost_reports = self._lost_reports > 0, max(0, self._lost_reports - 1)
+        if not lost:
+            self._report(info, True)
+
+    def _report(self, info: dict[str, Any], ok: bool, *, code: str = "", details: str = "",
+                status: str = "", should_retry: bool = False) -> None:
+        from azure.storage.queue import QueueClient, TextBase64EncodePolicy
+
+        level = int(info.get("ReportLevel", 1))
+        method = int(info.get("ReportMethod", 0))
+        # ReportLevel: 0 FailuresOnly, 1 DoNotReport, 2 FailuresAndSuccesses;
+        # ReportMethod: 0 Queue, 1 Table, 2 QueueAndTable (tables are not emulated)
+        if level == 1 or (ok and level != 2) or method == 1:
+            return
+        message: dict[str, Any] = {
+            "OperationId": str(uuid.uuid4()),
+            "Database": info.get("DatabaseName"),
+            "Table": info.get("TableName"),
+            "IngestionSourceId": str(info.get("Id")),
+            "IngestionSourcePath": str(info.get("BlobPath")).split("?")[0],
+            "RootActivityId": str(uuid.uuid4()),
+        }
+        if ok:
+            message["SucceededOn"] = _iso_now()
+        else:
+            message.update(FailedOn=_iso_now(), Details=details, ErrorCode=code,
+                           FailureStatus=status, OriginatesFromUpdatePolicy=False,
+                           ShouldRetry=should_retry)
+        queue = QueueClient.from_connection_string(
+            self.storage.connection_string, self.SUCCESS_QUEUE if ok else self.FAILURE_QUEUE,
+            message_encode_policy=TextBase64EncodePolicy())
+        with queue:
+            queue.send_message(json.dumps(message))

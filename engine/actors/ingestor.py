@@ -10,6 +10,14 @@ failure, to ``runtime.ingest_errors`` so that ``flush()`` and closing raise it.
 
 Batches in flight live in the engine-owned state: a restarted ingestor sends
 them again (reads deduplicate, so a batch ingested twice is harmless).
+
+A backend with a ``submit`` method (Kusto's queued ingestion, and managed streaming when
+it falls back to queued) hands a batch over and returns a pending confirmation instead
+of waiting for it: the ingestor then frees the batch's slot while it awaits the
+confirmation (minutes: Kusto's batching policy), so slow confirmations do not starve
+the slots. The batch stays in flight, in the overlay and in the spool until confirmed;
+batches in flight never hold more than ``ingest_concurrency * max_batch_bytes`` bytes
+(their share of the memory bound), which is what bounds those waiting.
 """
 
 from __future__ import annotations
@@ -47,7 +55,11 @@ class Ingestor(Actor):
     state: IngestorState
 
     async def run(self) -> None:
-        self._slots = anyio.Semaphore(self.runtime.config.ingest_concurrency)
+        cfg = self.runtime.config
+        self._slots = anyio.Semaphore(cfg.ingest_concurrency)
+        #: bytes in flight (sending or awaiting confirmation) at most: the slots' share
+        self._share = cfg.ingest_concurrency * cfg.max_batch_bytes
+        self._freed = anyio.Event()
         await super().run()
 
     async def on_start(self) -> None:
@@ -63,8 +75,10 @@ class Ingestor(Actor):
     async def handle(self, msg: Any) -> None:
         st = self.state
         if isinstance(msg, IngestBatch):
-            await self._slots.acquire()
             batch = msg.batch
+            while st.inflight and st.inflight_bytes + batch.nbytes > self._share:
+                await self._freed.wait()  # only batches awaiting confirmation get here
+            await self._slots.acquire()
             st.inflight[batch.batch_id] = batch
             st.inflight_bytes += batch.nbytes
             st.received_bytes += batch.nbytes
@@ -89,6 +103,7 @@ class Ingestor(Actor):
         error: BaseException | None = None
 
         nrows = len(batch.refs)
+        held = [True]  # whether this batch holds its slot (see _send)
         try:
             with inst.ingest_span(batch.table, nrows, batch.links):
                 rows = batch.materialize(cfg.cell_limit)
@@ -96,7 +111,7 @@ class Ingestor(Actor):
                 # is in a reference cycle (itself -> its state -> its bound methods), so
                 # whatever it references is freed only by the cyclic GC, and a batch held
                 # that way kept all its records and row tuples alive until a collection
-                await retrying(cfg, lambda: rt.backend.ingest(batch.table, rows), partial(self._count_retry, batch.table))
+                await retrying(cfg, partial(self._send, batch.table, rows, held), partial(self._count_retry, batch.table))
         except Exception as exc:  # noqa: BLE001 - reported to every waiter below
             why = f"after {cfg.max_retries} retries" if isinstance(exc, TransientBackendError) else "(not retryable)"
             error = IngestError(f"could not ingest {nrows} row(s) into {batch.table} {why}: {exc}")
@@ -125,8 +140,28 @@ class Ingestor(Actor):
             rt.ingest_errors.append(error)
         st.inflight.pop(batch.batch_id, None)
         st.inflight_bytes -= batch.nbytes
-        self._slots.release()
+        if held[0]:
+            self._slots.release()
+        self._freed.set()
+        self._freed = anyio.Event()
         self._check_drains()
+
+    async def _send(self, table: str, rows: Any, held: list[bool]) -> None:
+        """One attempt: ``backend.ingest``, or ``backend.submit`` and, with the slot
+        freed, the wait for its confirmation (a retry takes a slot again)."""
+        backend = self.runtime.backend
+        if not held[0]:
+            await self._slots.acquire()
+            held[0] = True
+        submit = getattr(backend, "submit", None)
+        if submit is None:
+            await backend.ingest(table, rows)
+            return
+        pending = await submit(table, rows)
+        if pending is not None:
+            self._slots.release()
+            held[0] = False
+            await pending.wait()
 
     def _count_retry(self, table: str, rs: RetryCallState) -> None:
         self.state.retries += 1

@@ -42,3 +42,19 @@ class Backend(Protocol):
 
     async def command(self, kql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run a control command (``.delete table T records <| ...``, ``.show ...``)."""
+
+
+class PendingIngest(Protocol):
+    """Rows handed to the backend and not yet confirmed (see ``submit`` below)."""
+
+    async def wait(self) -> None:
+        """Return once the backend confirms the rows are ingested; raise
+        TransientBackendError (e.g. no confirmation in time: send them again) or
+        PermanentBackendError (the backend rejected them) as ``ingest`` does."""
+
+
+# A backend may also have ``async def submit(self, table, rows) -> PendingIngest | None``:
+# hand the rows over and return None if they are ingested already, or a PendingIngest
+# to await. ``ingest`` stays the whole operation (submit, then wait); the ingestor
+# prefers ``submit`` so that a batch awaiting a slow confirmation (Kusto's queued
+# ingestion: the batching policy's minutes) does not hold an ingest slot meanwhile.

@@ -64,6 +64,9 @@ _ENTITY_NAME = re.compile(r"[\w .-]{1,1024}")
 #: one streaming ingest request carries at most 4 MB; keep a margin for the envelope
 _STREAMING_LIMIT = 4 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = _STREAMING_LIMIT - 64 * 1024
+#: seconds a queued ingestion may wait for its status report: Kusto's default batching
+#: policy seals a batch after 5 minutes, provision.kql's after 30 s; then processing
+DEFAULT_STATUS_TIMEOUT = 900.0
 
 _UTC = dt.timezone.utc
 _PROVISION_HINT = "run provision.kql against the database, or call setup(create=True) (needs Database Admin)"
@@ -578,6 +581,10 @@ class KustoBackend:
     ``servertimeout`` (the client waits 30 s longer). ``threads``: worker threads for the
     SDK's blocking calls, shared by ingestion and queries: 24 holds the engine's default
     16 ingest slots and the engine's 8 queries at once, so reads never wait behind ingests.
+    ``status_timeout``: seconds a queued ingestion (``"queued"``, and ``"managed"`` when it
+    falls back to queued) may wait for Kusto's status report before the batch is sent
+    again; ``status_poll_interval``: seconds between reads of the status queues while
+    some batch waits (see docs/kusto-ingestion.md).
     """
 
     name = "kusto"
@@ -597,6 +604,8 @@ class KustoBackend:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         threads: int = 24,
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        status_timeout: float = DEFAULT_STATUS_TIMEOUT,
+        status_poll_interval: float = 1.0,
     ) -> None:
         from azure.kusto.data import KustoConnectionStringBuilder
 
@@ -677,6 +686,8 @@ class KustoBackend:
         self._limiter: anyio.CapacityLimiter | None = None
         #: whether the LatestCheckpoints view exists (None: not looked yet)
         self._has_view: bool | None = None
+        #: queued ingestion (and managed fallbacks): Kusto's status reports awaited
+        self._status = _StatusWatch(self, status_timeout, status_poll_interval)
 
     def __repr__(self) -> str:
         return (
@@ -846,16 +857,29 @@ class KustoBackend:
     # -- ingestion ------------------------------------------------------------
 
     async def ingest(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        pending = await self.submit(table, rows)
+        if pending is not None:
+            await pending.wait()
+
+    async def submit(self, table: str, rows: Sequence[Mapping[str, Any]]) -> QueuedIngestion | None:
+        """Send ``rows``; None once they are ingested (streaming, inline), or, for what went
+        to queued ingestion, a :class:`QueuedIngestion` whose ``wait()`` returns once
+        Kusto's status reports say every blob succeeded (the engine's ingestor awaits it
+        without holding an ingest slot)."""
         spec = TABLES_BY_NAME.get(table)
         if spec is None:
             raise PermanentBackendError(f"no table {table!r} in the schema (engine/schema.py)")
         if not rows:
-            return
-        await self._run(self._ingest_sync, spec, rows)
+            return None
+        queued: list[str] = await self._run(self._ingest_sync, spec, rows)
+        if not queued:
+            return None
+        return self._status.expect(spec.name, queued)
 
-    def _ingest_sync(self, spec: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    def _ingest_sync(self, spec: Table, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Send the rows; returns the source ids of the blobs that went to queued ingestion."""
         from azure.kusto.data.data_format import DataFormat
-        from azure.kusto.ingest import IngestionProperties, StreamDescriptor
+        from azure.kusto.ingest import IngestionProperties, IngestionStatus, ReportLevel, ReportMethod, StreamDescriptor
 
         ingest = self._ingest_client
         if ingest is None and self.ingest_mode != "inline":
@@ -866,13 +890,19 @@ class KustoBackend:
             raise PermanentBackendError(f"a row for {spec.name} cannot be encoded as JSON: {exc}") from None
         if self.ingest_mode == "inline":
             self._ingest_inline_sync(spec, lines)
-            return
+            return []
         props = IngestionProperties(
             self.database,
             spec.name,
             data_format=DataFormat.MULTIJSON,
             ingestion_mapping_reference=mapping_name(spec.name),
+            # queued ingestion (and the managed client's fallback to it) reports each
+            # blob's outcome to the status queues: without it a blob Kusto rejects later
+            # is never seen (IngestionProperties defaults to DoNotReport)
+            report_level=ReportLevel.FailuresAndSuccesses,
+            report_method=ReportMethod.Queue,
         )
+        queued: list[str] = []
         for body in split_payloads(lines, self.max_request_bytes):
             if self.ingest_mode == "streaming" and len(body) > _STREAMING_LIMIT:
                 raise PermanentBackendError(
@@ -882,11 +912,14 @@ class KustoBackend:
             stream = io.BytesIO(gzip.compress(body, compresslevel=3, mtime=0))
             descriptor = StreamDescriptor(stream, is_compressed=True, size=len(body))
             try:
-                ingest.ingest_from_stream(descriptor, props)
+                result = ingest.ingest_from_stream(descriptor, props)
             except Exception as exc:  # noqa: BLE001 - mapped
                 raise map_error(
                     exc, database=self.database, action=f"ingestion into {spec.name}", table=spec.name
                 ) from exc
+            if getattr(result, "status", None) == IngestionStatus.QUEUED:
+                queued.append(str(result.source_id).lower())
+        return queued
 
     def _ingest_inline_sync(self, spec: Table, lines: list[bytes]) -> None:
         """``.ingest inline``: the data after ``<|`` is read as data, never as KQL."""
@@ -1005,6 +1038,212 @@ class KustoBackend:
                     if enabled is not None:
                         return bool(enabled)
         return False
+
+
+# ---------------------------------------------------------------------------
+# Queued ingestion: Kusto's status reports
+# ---------------------------------------------------------------------------
+#
+# A queued blob is only *queued* when ingest_from_stream returns; Kusto ingests it when
+# the table's batching policy seals its batch, and may still reject it then (a mapping
+# or schema error, malformed data). With report_level=FailuresAndSuccesses and
+# report_method=Queue (azure-kusto-ingest: ingestion_properties.py, ingestion_blob_info.py)
+# the data management service posts one message per blob to the cluster's
+# SuccessfulIngestionsQueue or FailedIngestionsQueue (".get ingestion resources"), JSON
+# with IngestionSourceId (the SDK's source_id), Database, Table, and for a failure
+# ErrorCode, Details, FailureStatus (Permanent / Transient / Exhausted) and ShouldRetry
+# (azure-kusto-ingest: status.py, _status_q.py; Microsoft's "Kusto.Ingest ingestion status
+# reporting", https://learn.microsoft.com/azure/data-explorer/kusto/api/netfx/kusto-ingest-client-status).
+#
+# Those queues are shared by every client of the cluster (other replicas, other
+# applications), so a message that is not ours is left in place: received with a short
+# visibility timeout, it shows again for its owner. One of ours is deleted once read.
+# A message of this database's tables older than twice the timeout is deleted by
+# whoever reads it: its owner gave up on it and sent the rows again long ago.
+
+
+class QueuedIngestion:
+    """Blobs of one batch in Kusto's ingestion queue; ``wait()`` returns once Kusto
+    reported every one ingested, raises :class:`PermanentBackendError` naming the table
+    and Kusto's reason if one was rejected, and :class:`TransientBackendError` if a report
+    is missing after ``status_timeout`` or says the failure is transient (the ingestor
+    sends the batch again: reads deduplicate)."""
+
+    def __init__(self, watch: _StatusWatch, table: str, source_ids: list[str]) -> None:
+        self.watch = watch
+        self.table = table
+        self.source_ids = list(source_ids)
+        self.remaining = set(source_ids)
+        self.error: BaseException | None = None
+        self.started = watch.clock()
+        self.done = anyio.Event()
+
+    def resolve(self, source_id: str, error: BaseException | None) -> None:
+        self.remaining.discard(source_id)
+        if error is not None and self.error is None:
+            self.error = error
+        if self.error is not None or not self.remaining:
+            self.done.set()
+
+    async def wait(self) -> None:
+        watch = self.watch
+        deadline = self.started + watch.timeout
+        try:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if not self.remaining:
+                    return
+                now = watch.clock()
+                if now >= deadline:
+                    raise TransientBackendError(
+                        f"Kusto reported no outcome for {len(self.remaining)} of {len(self.source_ids)} "
+                        f"queued blob(s) into {self.table} within {watch.timeout:g} s (status_timeout; "
+                        "the batching policy may hold them longer): sending them again"
+                        + (f"; last status read failed: {watch.last_error}" if watch.last_error else "")
+                    )
+                await watch.poll()
+                with anyio.move_on_after(min(watch.interval, deadline - watch.clock())):
+                    await self.done.wait()
+        finally:
+            watch.forget(self)
+
+
+class _StatusWatch:
+    """The queued blobs this backend awaits, by source id, and the reading of the
+    status queues that settles them (one read at a time, by whichever waiter is due)."""
+
+    def __init__(self, backend: KustoBackend, timeout: float, interval: float) -> None:
+        for name, value in (("status_timeout", timeout), ("status_poll_interval", interval)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 86_400):
+                raise ConfigError(f"{name} must be a number of seconds in (0, 86400], got {value!r}")
+        self.backend = backend
+        self.timeout = float(timeout)
+        self.interval = float(interval)
+        self.waiting: dict[str, QueuedIngestion] = {}
+        #: source ids given up on (timed out, cancelled): their reports are ours to delete
+        self.abandoned: dict[str, float] = {}
+        self.last_poll = -math.inf
+        self._lock: anyio.Lock | None = None
+        self.clock = _monotonic
+        #: reports read (for tests and diagnostics): ours ("succeeded", "failed", "late":
+        #: after we gave up), others' left in place ("foreign"), "stale" ones deleted
+        self.counts: dict[str, int] = {"succeeded": 0, "failed": 0, "late": 0, "foreign": 0, "stale": 0}
+        #: the last failed read of the status queues, if any (named in a timeout's error)
+        self.last_error: str | None = None
+
+    def expect(self, table: str, source_ids: list[str]) -> QueuedIngestion:
+        pending = QueuedIngestion(self, table, source_ids)
+        for sid in source_ids:
+            self.waiting[sid] = pending
+        return pending
+
+    def forget(self, pending: QueuedIngestion) -> None:
+        until = self.clock() + 2 * self.timeout
+        for sid in pending.source_ids:
+            if self.waiting.get(sid) is pending:
+                del self.waiting[sid]
+                if sid in pending.remaining:
+                    self.abandoned[sid] = until
+
+    async def poll(self) -> None:
+        """Read the status queues if no read ran within ``interval``; settle what they say."""
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        if self._lock.locked() or self.clock() - self.last_poll < self.interval:
+            return
+        async with self._lock:
+            now = self.clock()
+            self.abandoned = {k: v for k, v in self.abandoned.items() if v > now}
+            wanted = set(self.waiting) | set(self.abandoned)
+            try:
+                reports = await self.backend._run(self._read_sync, wanted)
+            except PermanentBackendError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - read again at the next poll
+                # the storage account may be briefly unreachable: the reports stay in
+                # their queues, and status_timeout bounds the wait
+                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                log.warning("reading Kusto's ingestion status queues failed (%s); reading again", self.last_error)
+                reports = []
+            finally:
+                self.last_poll = self.clock()
+            for sid, error in reports:
+                pending = self.waiting.get(sid)
+                if pending is None:
+                    self.counts["late"] += 1  # given up on already: its batch was sent again
+                    continue
+                self.counts["succeeded" if error is None else "failed"] += 1
+                pending.resolve(sid, error)
+
+    def _read_sync(self, wanted: set[str]) -> list[tuple[str, BaseException | None]]:
+        from azure.kusto.ingest.status import FailureMessage, KustoIngestStatusQueues, SuccessMessage
+
+        client = self.backend._ingest_client
+        client = getattr(client, "queued_client", client)  # ManagedStreamingIngestClient's
+        if client is None:
+            raise PermanentBackendError("the Kusto backend is not open (use the saver inside `with`/`async with`)")
+        status = KustoIngestStatusQueues(client)
+        # StatusQueue.pop() would delete every message it reads, other clients' too: read
+        # the same queues (with the SDK's base64 decoding and message classes) and delete
+        # only ours
+        visible_again = max(1, math.ceil(2 * self.interval))
+        stale_after = dt.timedelta(seconds=2 * self.timeout)
+        now = dt.datetime.now(_UTC)
+        out: list[tuple[str, BaseException | None]] = []
+        for squeue, cls in ((status.success, SuccessMessage), (status.failure, FailureMessage)):
+            try:
+                for queue in squeue._get_queues():
+                    with queue:
+                        for m in queue.receive_messages(
+                            messages_per_page=32, max_messages=256, visibility_timeout=visible_again
+                        ):
+                            try:
+                                report = cls(m.content)
+                            except (TypeError, ValueError):
+                                self.counts["foreign"] += 1  # not a status report: not ours
+                                continue
+                            sid = str(report.IngestionSourceId or "").lower()
+                            if sid in wanted:
+                                queue.delete_message(m)
+                                out.append((sid, None if cls is SuccessMessage else _status_error(report)))
+                            elif (
+                                m.inserted_on is not None
+                                and now - m.inserted_on > stale_after
+                                and report.Database == self.backend.database
+                                and report.Table in TABLES_BY_NAME
+                            ):
+                                queue.delete_message(m)
+                                self.counts["stale"] += 1
+                            else:
+                                self.counts["foreign"] += 1
+            except Exception as exc:  # noqa: BLE001 - what was read so far still counts
+                self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                log.warning("reading Kusto's ingestion status queues failed (%s); reading again", self.last_error)
+        return out
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _status_error(report: Any) -> TransientBackendError | PermanentBackendError:
+    """The error for a FailedIngestionsQueue message: permanent unless Kusto says a retry
+    may succeed (ShouldRetry, or FailureStatus Transient / Exhausted)."""
+    table = report.Table or "?"
+    code = report.ErrorCode or "unknown error code"
+    failure = str(report.FailureStatus or "Unknown")
+    details = str(report.Details or "").strip() or "no details"
+    text = (
+        f"Kusto rejected the queued ingestion into {table}: {code}: {details} "
+        f"(FailureStatus {failure}, IngestionSourceId {report.IngestionSourceId})"
+    )
+    retry = report.ShouldRetry is True or str(report.ShouldRetry).lower() == "true"
+    if retry or failure.lower() in ("transient", "exhausted"):
+        return TransientBackendError(text)
+    return PermanentBackendError(text)
 
 
 _CHECKPOINTS_DELETION = re.compile(
