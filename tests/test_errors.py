@@ -303,10 +303,12 @@ async def test_service_errors_name_the_host_the_status_and_the_cause() -> None:
                 ("ingest", "ingestion into Tombstones", lambda: backend.ingest("Tombstones", [row])),
             ):
                 head = f"{action} to {srv.uri} (database {DB}) failed: "
-                for status, kind, cause in ((503, TransientBackendError, "HTTP 503, retryable: ServiceUnavailable"),
-                                            (500, TransientBackendError, "HTTP 500, retryable"),
-                                            (429, TransientBackendError, "Kusto throttled it (HTTP 429)"),
-                                            (403, PermanentBackendError, "HTTP 403, not authorized")):
+                for status, kind, cause in (
+                    (503, TransientBackendError, f"Kusto failed the {action} (HTTP 503), retryable: ServiceUnavailable"),
+                    (500, TransientBackendError, f"Kusto failed the {action} (HTTP 500), retryable"),
+                    (429, TransientBackendError, f"Kusto throttled the {action} (HTTP 429)"),
+                    (403, PermanentBackendError, f"Kusto refused the {action} (HTTP 403, not authorized)"),
+                ):
                     srv.faults.fail_next(1, status=status, route=route)
                     with pytest.raises(kind) as caught:
                         await call()

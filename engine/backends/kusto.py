@@ -392,11 +392,11 @@ def map_error(
     where = _endpoint_of(exc) or (_safe_uri(host) if host else "Kusto")
     head = f"{action} to {where} (database {database}) failed"
     if isinstance(exc, KustoThrottlingError):
-        return TransientBackendError(f"{head}: Kusto throttled it (HTTP 429); retry later")
+        return TransientBackendError(f"{head}: Kusto throttled the {action} (HTTP 429); retry later")
     if isinstance(exc, KustoNetworkError):
         return TransientBackendError(
-            f"{head}: {_network_cause(exc)}; a network error or timeout (the connection failed, "
-            "was dropped or did not answer in time)"
+            f"{head}: {_network_cause(exc)}: network error or timeout during the {action} (the "
+            "connection failed, was dropped or did not answer in time)"
         )
     if isinstance(exc, KustoClosedError):
         return PermanentBackendError(f"{head}: the Kusto backend is closed")
@@ -411,8 +411,9 @@ def map_error(
         what = _describe(exc)
         if status in (401, 403):
             return PermanentBackendError(
-                f"{head}: HTTP {status}, not authorized: grant the identity Database Viewer and "
-                "Database Ingestor (Database Admin for setup(create=True) and compaction); check the credential"
+                f"{head}: Kusto refused the {action} (HTTP {status}, not authorized) on database {database!r}: "
+                "grant the identity Database Viewer and Database Ingestor (Database Admin for "
+                "setup(create=True) and compaction); check the credential"
             )
         if status == 404 and action.startswith("ingestion"):
             return PermanentBackendError(
@@ -421,7 +422,7 @@ def map_error(
             )
         if _is_transient_api(exc):
             code = f"HTTP {status}" if status else "no HTTP status"
-            return TransientBackendError(f"{head}: {code}, retryable: {what}")
+            return TransientBackendError(f"{head}: Kusto failed the {action} ({code}), retryable: {what}")
         low = what.lower()
         if "mapping" in low and ("not found" in low or "wasn't found" in low or "was not found" in low):
             mp = mapping_name(table) if table else "the JSON ingestion mapping"
@@ -450,12 +451,13 @@ def map_error(
                 f"{head}: a table the {action} needs is missing in database {database!r}: {_PROVISION_HINT} ({what})"
             )
         return PermanentBackendError(
-            f"{head}: HTTP {status}, rejected: {what.rstrip('.')}. If the schema is out of date, {_PROVISION_HINT}"
+            f"{head}: Kusto rejected the {action} (HTTP {status}): {what.rstrip('.')}. If the schema is "
+            f"out of date, {_PROVISION_HINT}"
         )
     if isinstance(exc, KustoClientError):
         return PermanentBackendError(f"{head}: the Kusto client could not run it: {type(exc).__name__}: {exc}")
     if isinstance(exc, (ConnectionError, TimeoutError)):
-        return TransientBackendError(f"{head}: {_network_cause(exc)}; a network error")
+        return TransientBackendError(f"{head}: {_network_cause(exc)}: network error during the {action}")
     return PermanentBackendError(f"{head}: {type(exc).__name__}: {exc}")
 
 
