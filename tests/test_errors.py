@@ -165,6 +165,20 @@ async def test_embedded_query_errors_name_the_store_and_the_cause(tmp_path: Path
         await backend.query("Checkpoints | count", {})
 
 
+@pytest.mark.anyio
+async def test_a_failed_embedded_ingest_names_the_store_table_and_cause(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.duckdb")
+    async with AsyncKustoSaver.embedded(path, **FAST) as saver:
+        saver.backend._cursor().execute('ALTER TABLE "Checkpoints" RENAME TO "Elsewhere"')  # from under the saver
+        await saver.aput(CONFIG, empty_checkpoint(), {}, {})
+        with pytest.raises(IngestError) as caught:
+            await saver.flush()
+    first = str(caught.value).splitlines()[0]
+    assert f"ingestion into Checkpoints on the embedded store {path} failed: Catalog Error" in first, first
+    assert isinstance(caught.value.__cause__, IngestError)
+    assert isinstance(caught.value.__cause__.__cause__, PermanentBackendError)
+
+
 def test_the_load_tool_says_in_one_line_that_the_store_folder_is_missing(tmp_path: Path) -> None:
     store = tmp_path / "missing" / "dir" / "x.duckdb"
     proc = subprocess.run(
