@@ -428,6 +428,34 @@ def test_a_kusto_saver_left_open_is_closed_at_exit(tmp_path: Path) -> None:
         con.close()
 
 
+def test_an_async_saver_left_open_leaves_a_closed_store_at_exit(tmp_path: Path) -> None:
+    """The loop ended without leaving `async with`: the store is still closed at exit."""
+    path = str(tmp_path / "s.duckdb")
+    proc = _child(
+        """
+        import asyncio, sys
+        from langgraph.checkpoint.base import empty_checkpoint
+        from langgraph.checkpoint.kusto import AsyncKustoSaver
+
+        async def main():
+            saver = AsyncKustoSaver.embedded(sys.argv[1])
+            await saver.__aenter__()
+            await saver.aput({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, empty_checkpoint(), {}, {})
+            await saver.flush()
+
+        asyncio.run(main())
+        """,
+        path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "terminate called" not in proc.stderr and "FATAL" not in proc.stderr
+    con = duckdb.connect(path)
+    try:
+        assert con.execute("select count(*) from Checkpoints").fetchone()[0] == 1
+    finally:
+        con.close()
+
+
 EXITER = """
 import sys, threading
 from langgraph.checkpoint.base import empty_checkpoint
