@@ -11,8 +11,12 @@ from .errors import (
     IngestError,
     KustoCheckpointError,
     PermanentBackendError,
+    PutTimeoutError,
     SpoolError,
+    StoreLockedError,
+    StorePathError,
     TransientBackendError,
+    UsageError,
 )
 
 __all__ = [
@@ -26,6 +30,10 @@ __all__ = [
     "IngestError",
     "KustoCheckpointError",
     "PermanentBackendError",
+    "PutTimeoutError",
     "SpoolError",
+    "StoreLockedError",
+    "StorePathError",
     "TransientBackendError",
+    "UsageError",
 ]

@@ -29,7 +29,7 @@ from .actors.query_cache import Overlay, QueryCache
 from .backends.base import Backend
 from .clock import ThreadClock
 from .config import EngineConfig
-from .errors import EngineClosedError, EngineFailedError, IngestError
+from .errors import EngineClosedError, EngineFailedError, IngestError, PutTimeoutError, UsageError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec
 from .reads import checkpoint_from_row, delta_walk, values_from_rows
 from .records import BlobRec, Bundle, CheckpointRec, Record, WriteRec, newer_write
@@ -80,7 +80,7 @@ class Engine:
 
     async def __aenter__(self) -> Engine:
         if self._stack is not None:
-            raise RuntimeError("the engine is already running")
+            raise UsageError("the saver is already open: enter it once (`with` / `async with`), or use a new saver")
         cfg = self.config
         stack = AsyncExitStack()
         await stack.__aenter__()
@@ -184,6 +184,11 @@ class Engine:
     def _check(self) -> Runtime:
         rt = self.runtime
         if rt is None or self._stack is None:
+            if self._closing:
+                raise EngineClosedError(
+                    "the saver is closed: it was used after its `with` / `async with` block ended; "
+                    "create a new saver to use the store again"
+                )
             raise EngineClosedError("the saver is not open: use it inside `with` / `async with`")
         if rt.failure is not None:
             raise rt.failure
@@ -264,7 +269,7 @@ class Engine:
                 "spool": "accepted and on the spool",
                 "ingested": "acknowledged by the backend",
             }.get(cfg.durability, "accepted")
-            raise TimeoutError(
+            raise PutTimeoutError(
                 f"{operation} was not {waited_for} within put_timeout={cfg.put_timeout}s "
                 f"(durability={cfg.durability!r}; the backend is slow or stalled, or the engine's buffers are full)"
             ) from None

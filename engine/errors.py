@@ -31,6 +31,26 @@ class PermanentBackendError(BackendError):
     """A failure that retrying will not fix: missing table or mapping, bad request, auth."""
 
 
+class StoreLockedError(PermanentBackendError):
+    """The embedded store's DuckDB file is open in another process: one process at a
+    time owns an embedded store file (several replicas share a Kusto database instead)."""
+
+
+class StorePathError(PermanentBackendError):
+    """The embedded store's file cannot be created or opened where its path points
+    (its folder does not exist, the path is a folder, or the file is not a DuckDB database)."""
+
+
+class UsageError(KustoCheckpointError, RuntimeError):
+    """The saver was used in a way it cannot serve: a sync method called from the event
+    loop's own thread (AsyncKustoSaver), or a saver entered while it is already open."""
+
+
+class PutTimeoutError(KustoCheckpointError, TimeoutError):
+    """A put was not accepted (or, per ``durability``, made durable or ingested) within
+    ``put_timeout``. Also a ``TimeoutError``."""
+
+
 class IngestError(KustoCheckpointError):
     """Rows accepted by the engine could not be ingested; they are not stored."""
 

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from langgraph.checkpoint.kusto.engine.backends.kusto import INGEST_MODES
 
+from ..engine.errors import KustoCheckpointError
 from . import reports, runner
 from .display import mib, num, progress_display, table, xr
 from .inject import InjectSpecError, parse_inject
@@ -650,12 +651,36 @@ def _has_fileno(stream: TextIO) -> bool:
     return True
 
 
+def _open_store_first(path: str) -> None:
+    """Open ``--store`` once before the run, through the library: a store this run cannot
+    use (its folder is missing, another process holds it, not a DuckDB file) fails at once
+    with the library's error, not after the baselines with a traceback. A file made here is
+    removed again, so the run still finds the store as the user left it."""
+    from ..engine.backends.embedded import EmbeddedBackend
+
+    existed = os.path.exists(path)
+    backend = EmbeddedBackend(path)
+
+    async def probe() -> None:
+        await backend.open()
+        await backend.close()
+
+    try:
+        asyncio.run(probe())
+    finally:
+        if not existed:
+            for made in (path, path + ".wal"):
+                if os.path.isfile(made):
+                    os.remove(made)
+
+
 def execute(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> tuple[int, dict[str, Any]]:
     """Parse ``argv``, run, print the report to ``out``; return (exit code, results dict).
 
-    Usage errors exit through argparse (SystemExit with code 2).
+    Usage errors exit through argparse (SystemExit with code 2); a ``--store`` that cannot
+    be opened is one line on ``err`` and code 2.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -671,6 +696,12 @@ def execute(
     for path in (args.json, args.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"no such directory for {path!r}")
+    if args.store and not args.cluster_uri:
+        try:
+            _open_store_first(args.store)
+        except KustoCheckpointError as exc:
+            print(f"{parser.prog}: error: {exc}", file=err)
+            return EXIT_USAGE, {"passed": False, "error": f"{type(exc).__name__}: {exc}"}
     display = progress_display(err, "none" if args.quiet else args.progress)
     try:
         if args.report == "goals":
@@ -712,6 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry: the exit code (0: every thread verified)."""
     try:
         code, _ = execute(argv)
+    except KustoCheckpointError as exc:  # the library's own errors say what to fix: no traceback
+        print(f"kusto-checkpoint-loadtest: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

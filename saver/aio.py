@@ -9,6 +9,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from .base import KustoSaverBase
+from .engine.errors import KustoCheckpointError, UsageError
 from .telemetry.instruments import carry_context
 
 
@@ -48,12 +49,15 @@ class AsyncKustoSaver(KustoSaverBase):
     # -- lifecycle ---------------------------------------------------------
 
     async def __aenter__(self) -> AsyncKustoSaver:
+        if self._closed:
+            raise self._not_open("async with")
         await self.engine.__aenter__()
         self._token = anyio.lowlevel.current_token()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         self._token = None
+        self._closed = True
         await self.engine.aclose()
 
     async def flush(self) -> None:
@@ -66,14 +70,20 @@ class AsyncKustoSaver(KustoSaverBase):
         return fn(*args)  # the engine runs in this very loop: the call's own coroutine, no extra frame
 
     def _blocking(self, fn: Any, *args: Any) -> Any:
-        if self._token is None:
-            raise RuntimeError("AsyncKustoSaver is not open: enter it with `async with` first")
+        token = self._token
+        if token is None:
+            raise self._not_open("async with")
         try:
             anyio.lowlevel.current_token()
         except Exception:  # noqa: BLE001 - no loop in this thread: the expected case
             fn, args = carry_context(fn, args)
-            return anyio.from_thread.run(fn, *args, token=self._token)
-        raise RuntimeError(
+            try:
+                return anyio.from_thread.run(fn, *args, token=token)
+            except RuntimeError as exc:
+                if isinstance(exc, KustoCheckpointError) or self._token is token:
+                    raise
+                raise self._not_open("async with") from exc  # its loop closed meanwhile
+        raise UsageError(
             "synchronous calls on AsyncKustoSaver are only allowed from a thread other than "
             "the event loop's; in async code use the a-methods (aget_tuple, aput...), "
             "or use KustoSaver"

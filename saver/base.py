@@ -19,7 +19,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from .engine import Engine, EngineConfig
 from .engine.backends.base import Backend
 from .engine.backends.embedded import EmbeddedBackend
-from .engine.errors import ConfigError
+from .engine.errors import ConfigError, EngineClosedError
 from .rows import (
     _utf8,
     decode_bundle,
@@ -77,6 +77,22 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
             backend, meter_provider=meter_provider, tracer_provider=tracer_provider
         )
         self.engine = Engine(backend, self.options, instruments=self._inst)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r})"
+
+    #: True once the saver's ``with`` / ``async with`` block has ended
+    _closed = False
+
+    def _not_open(self, block: str) -> EngineClosedError:
+        """The error for a sync call made while the saver is not open (``block``: how it is entered)."""
+        name = type(self).__name__
+        if self._closed:
+            return EngineClosedError(
+                f"{name} is closed: it was used after its `{block}` block ended; "
+                "create a new saver to use the store again"
+            )
+        return EngineClosedError(f"{name} is not open: use it inside `{block} saver:` (entering starts its engine)")
 
     # -- LangGraph's version scheme (the same as the Postgres saver's) ------
 

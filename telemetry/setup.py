@@ -97,7 +97,9 @@ def configure_telemetry(
       ``False``, pass ``handle.meter_provider`` / ``handle.tracer_provider`` to the saver.
     """
     if not 0.0 <= trace_sample_ratio <= 1.0:
-        raise ValueError(f"trace_sample_ratio must be within [0, 1], got {trace_sample_ratio!r}")
+        from ..engine.errors import ConfigError  # here: the engine imports telemetry
+
+        raise ConfigError(f"trace_sample_ratio must be within [0, 1], got {trace_sample_ratio!r}")
     try:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader

@@ -14,10 +14,13 @@ a bounded limiter; each worker thread uses its own cursor on the one database.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
+import os
 import re
 import struct
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,7 +31,7 @@ import orjson
 import pyarrow as pa
 from duckdb_kql.params import bind
 
-from ..errors import PermanentBackendError
+from ..errors import ConfigError, PermanentBackendError, StoreLockedError, StorePathError
 from ..records import JsonText, to_micros  # noqa: F401 - re-exported
 from ..schema import BINARY_COLUMNS, DATETIME, DYNAMIC, INT, LONG, STRING, TABLES, TABLES_BY_NAME, Table
 
@@ -40,6 +43,24 @@ _ARROW_TYPES = {STRING: pa.string(), DYNAMIC: pa.string(), LONG: pa.int64(), INT
 _TRANSLATED: dict[str, Any] = {}
 _TRANSLATE_LOCK = threading.Lock()
 _DELETE_RE = re.compile(r"^\s*\.delete\s+table\s+(\w+)\s+records\s*<\|\s*(.*)$", re.S)
+
+#: stores open in this process: closed at interpreter exit if their saver never was
+#: (DuckDB's objects must not be torn down by the interpreter's finalization)
+_OPEN: weakref.WeakSet[EmbeddedBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    for backend in list(_OPEN):
+        backend._close_now()
+
+
+def _cause(exc: BaseException) -> str:
+    """A DuckDB (or duckdb-kql) error as one readable cause: DuckDB's own text, whose
+    first line says what failed ("IO Error: ..."), then the exception's type."""
+    text = str(exc).strip() or type(exc).__name__
+    first, _, rest = text.partition("\n")
+    return f"{first} ({type(exc).__name__})" + (f"\n{rest}" if rest else "")
 
 
 def _duck_type(column: str, kind: str) -> str:
@@ -98,13 +119,15 @@ class EmbeddedBackend:
         (218 MB), 0.4 s "zstd" (14 MB); 5,000 x 20 steps: 1,151 / 1,809 / 1,765
         steps/s, peak RSS 2,253 / 3,298 / 1,964 MB, file 515 / 2,610 / 146 MB. Tables
         that already exist keep the method they were created with."""
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
         if not isinstance(path, str) or not path:
-            raise ValueError(f"path must be a DuckDB file path or ':memory:', got {path!r}")
+            raise ConfigError(f"path must be a DuckDB file path or ':memory:', got {path!r}")
         if not isinstance(checkpoint_threshold, str) or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", checkpoint_threshold):
-            raise ValueError(f"checkpoint_threshold must be a size like '256MB', got {checkpoint_threshold!r}")
+            raise ConfigError(f"checkpoint_threshold must be a size like '256MB', got {checkpoint_threshold!r}")
         self.checkpoint_threshold = checkpoint_threshold
         if payload_compression not in PAYLOAD_COMPRESSIONS:
-            raise ValueError(f"payload_compression must be one of {PAYLOAD_COMPRESSIONS}, got {payload_compression!r}")
+            raise ConfigError(f"payload_compression must be one of {PAYLOAD_COMPRESSIONS}, got {payload_compression!r}")
         self.payload_compression = payload_compression
         self.path = path
         self.database = "memory" if path == ":memory:" else path
@@ -114,6 +137,9 @@ class EmbeddedBackend:
         self._cursors_lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(threads)
         self._schema: dict[str, list[str]] | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedBackend(path={self.path!r})"
 
     @property
     def default_spool_dir(self) -> str | None:
@@ -128,7 +154,47 @@ class EmbeddedBackend:
         await anyio.to_thread.run_sync(self._open_sync, limiter=self._limiter)
 
     def _open_sync(self) -> None:
-        con = duckdb_kql.connect(self.path)
+        con = self._connect()
+        try:
+            self._prepare(con)
+        except BaseException as exc:
+            con.close()
+            if isinstance(exc, (duckdb.Error, duckdb_kql.KqlError)):
+                raise PermanentBackendError(f"preparing the embedded store {self.path} failed: {_cause(exc)}") from exc
+            raise
+        self._con = con
+        _OPEN.add(self)
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection; a path DuckDB cannot use is the package's error, naming it."""
+        path = self.path
+        if path != ":memory:":
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise StorePathError(
+                    f"the embedded store's folder {folder} does not exist (path {path!r}): "
+                    "create the folder first, or give a path in an existing one"
+                )
+            if os.path.isdir(path):
+                raise StorePathError(f"the embedded store's path {path!r} is a folder: give the path of a DuckDB file in it")
+        try:
+            return duckdb_kql.connect(path)
+        except duckdb.Error as exc:
+            text = str(exc)
+            if "lock" in text.lower() and ("conflicting" in text.lower() or "could not set lock" in text.lower()):
+                pid = re.search(r"\(PID (\d+)\)", text)
+                holder = f"another process (PID {pid.group(1)})" if pid else "another process"
+                raise StoreLockedError(
+                    f"the embedded store {path} is open in {holder}: one process at a time owns an "
+                    "embedded store file. Close the saver in the other process, or give each process its "
+                    "own file; for several replicas sharing checkpoints, use a Kusto database "
+                    "(from_connection_string)"
+                ) from exc
+            if isinstance(exc, (duckdb.IOException, duckdb.SerializationException)) or "not a valid DuckDB" in text:
+                raise StorePathError(f"the embedded store {path} cannot be opened: {_cause(exc)}") from exc
+            raise PermanentBackendError(f"opening the embedded store {path} failed: {_cause(exc)}") from exc
+
+    def _prepare(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"SET checkpoint_threshold = '{self.checkpoint_threshold}'")
         con.execute("SET python_enable_replacements = true")  # _append finds its Arrow table by name
         for table in TABLES:
@@ -143,7 +209,6 @@ class EmbeddedBackend:
                 elif c in BINARY_COLUMNS and existing[c] == "VARCHAR":
                     self._migrate_payload(con, table.name, c)
         self._schema = {t.name: list(t.column_names) for t in TABLES}
-        self._con = con
         from .. import kql
 
         for _, text in kql.all_templates():  # translate up front, not in the first reads
@@ -164,26 +229,29 @@ class EmbeddedBackend:
             ) from exc
 
     async def close(self) -> None:
-        con, self._con = self._con, None
-        if con is None:
+        if self._con is None:
             return
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close_now)
 
-        def _close() -> None:
-            with self._cursors_lock:
-                for cur in self._cursors:
-                    try:
-                        cur.close()
-                    except duckdb.Error:
-                        pass
-                self._cursors.clear()
+    def _close_now(self) -> None:
+        """Close every cursor and the connection (DuckDB then stops its own threads)."""
+        con, self._con = self._con, None
+        _OPEN.discard(self)
+        with self._cursors_lock:
+            cursors, self._cursors = self._cursors, []
+        for cur in cursors:
+            try:
+                cur.close()
+            except duckdb.Error:
+                pass
+        if con is not None:
             con.close()
-
-        await anyio.to_thread.run_sync(_close)
         self._local = threading.local()
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
-            raise PermanentBackendError("the embedded store is closed")
+            raise PermanentBackendError(f"the embedded store {self.path} is closed")
         cur = getattr(self._local, "cursor", None)
         if cur is None or getattr(self._local, "con", None) is not self._con:
             cur = self._con.cursor()
@@ -219,7 +287,12 @@ class EmbeddedBackend:
         # (5 ms) while the event loop is busy. Raw 200x20: ingest call p50 101-111 ms
         # against 173 ms with register/unregister (inside the worker 58-61 against 76-80)
         _kusto_checkpoint_incoming = arrow  # noqa: F841 - read by DuckDB's replacement scan
-        cur.execute(f'INSERT INTO "{spec.name}" ({cols}) SELECT {cols} FROM _kusto_checkpoint_incoming')
+        try:
+            cur.execute(f'INSERT INTO "{spec.name}" ({cols}) SELECT {cols} FROM _kusto_checkpoint_incoming')
+        except duckdb.Error as exc:
+            raise PermanentBackendError(
+                f"ingestion into {spec.name} on the embedded store {self.path} failed: {_cause(exc)}"
+            ) from exc
 
     # -- queries -----------------------------------------------------------
 
@@ -246,9 +319,9 @@ class EmbeddedBackend:
         return {slot: v for slot, v in bound.items() if slot in tr.slots}
 
     def _query_sync(self, kql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        tr = self._translate(kql)
         cur = self._cursor()
         try:
+            tr = self._translate(kql)
             res = cur.execute(str(tr), self._bound(tr, params))
             names = [d[0] for d in res.description]
             dynamic = [i for i, d in enumerate(res.description) if str(d[1]).upper() == "JSON"]
@@ -260,8 +333,8 @@ class EmbeddedBackend:
                     rec[names[i]] = orjson.loads(v) if isinstance(v, str) else v
                 out.append(rec)
             return out
-        except duckdb.Error as exc:
-            raise PermanentBackendError(f"embedded query failed: {exc}") from exc
+        except (duckdb.Error, duckdb_kql.KqlError) as exc:
+            raise PermanentBackendError(f"query on the embedded store {self.path} failed: {_cause(exc)}") from exc
 
     async def command(self, kql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         return await anyio.to_thread.run_sync(self._command_sync, kql, dict(params or {}), limiter=self._limiter)
@@ -274,22 +347,28 @@ class EmbeddedBackend:
         spec = TABLES_BY_NAME.get(table)
         if spec is None:
             raise PermanentBackendError(f"no table {table!r}")
-        tr = duckdb_kql.to_sql(query, schema=self._schema)  # generated per batch: not cached
         cur = self._cursor()
+        try:
+            tr = duckdb_kql.to_sql(query, schema=self._schema)  # generated per batch: not cached
+        except duckdb_kql.KqlError as exc:
+            raise PermanentBackendError(f"command on the embedded store {self.path} failed: {_cause(exc)}") from exc
         cols = list(spec.column_names)
         cond = " AND ".join(f'd."{c}" IS NOT DISTINCT FROM t."{c}"' for c in cols if spec.columns[cols.index(c)][1] != DYNAMIC)
         sql = f'DELETE FROM "{table}" AS t WHERE EXISTS (SELECT 1 FROM ({tr}) AS d WHERE {cond})'
         try:
             n = cur.execute(sql, self._bound(tr, params)).fetchall()
         except duckdb.Error as exc:
-            raise PermanentBackendError(f"embedded command failed: {exc}") from exc
+            raise PermanentBackendError(f"command on the embedded store {self.path} failed: {_cause(exc)}") from exc
         return [{"deleted": n[0][0] if n else 0}]
 
     # -- introspection used by tests and the load tool ----------------------
 
     async def count_rows(self, table: str) -> int:
         def _count() -> int:
-            return int(self._cursor().execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])
+            try:
+                return int(self._cursor().execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])
+            except duckdb.Error as exc:
+                raise PermanentBackendError(f"counting {table} on the embedded store {self.path} failed: {_cause(exc)}") from exc
 
         return await anyio.to_thread.run_sync(_count, limiter=self._limiter)
 

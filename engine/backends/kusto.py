@@ -332,8 +332,57 @@ def _is_transient_api(exc: BaseException) -> bool:
     return status is None or status >= 500 or status in (408, 429)
 
 
-def map_error(exc: BaseException, *, database: str, action: str, table: str | None = None) -> Exception:
-    """An SDK exception as TransientBackendError or PermanentBackendError (not raised)."""
+def _endpoint_of(exc: BaseException) -> str | None:
+    """The scheme, host and port the failed request went to, when the SDK's exception says."""
+    endpoint = getattr(exc, "endpoint", None)  # KustoNetworkError
+    if isinstance(endpoint, str) and endpoint:
+        return _safe_uri(endpoint)
+    for resp in (getattr(exc, "http_response", None), *getattr(exc, "args", ())):
+        url = getattr(resp, "url", None)
+        if url:
+            return _safe_uri(str(url))
+    return None
+
+
+def _network_cause(exc: BaseException) -> str:
+    """What went wrong on the wire, from the innermost exception the SDK chained:
+    ``connection refused (ConnectionRefusedError)``, ``timed out (ReadTimeout)``..."""
+    import socket
+    import ssl
+
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain and len(chain) < 20:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    root = chain[-1]
+    names = {type(e).__name__ for e in chain}
+    if isinstance(root, ConnectionRefusedError):
+        what = "connection refused"
+    elif isinstance(root, socket.gaierror):
+        what = "host name not resolved (DNS)"
+    elif isinstance(root, ssl.SSLError):
+        what = "TLS handshake failed"
+    elif isinstance(root, TimeoutError) or any("Timeout" in n for n in names):
+        what = "no answer in time (timed out)"
+    elif names & {"RemoteDisconnected", "IncompleteRead"}:
+        what = "connection closed without an answer"
+    elif isinstance(root, ConnectionResetError):
+        what = "connection reset"
+    elif isinstance(root, ConnectionError) or "ProtocolError" in names:
+        what = "connection closed without an answer"
+    else:
+        what = (str(root).strip().splitlines() or ["network error"])[0][:200]
+    return f"{what} ({type(root).__name__})"
+
+
+def map_error(
+    exc: BaseException, *, database: str, action: str, table: str | None = None, host: str | None = None
+) -> Exception:
+    """An SDK exception as TransientBackendError or PermanentBackendError (not raised). The
+    message's first line names the request, its endpoint (scheme, host and port only: the
+    one the SDK reports, else ``host``) and the cause: ``query to https://c.kusto.windows.net
+    (database db) failed: connection refused (ConnectionRefusedError)``."""
     from azure.kusto.data.exceptions import (
         KustoAuthenticationError,
         KustoClientError,
@@ -343,52 +392,56 @@ def map_error(exc: BaseException, *, database: str, action: str, table: str | No
         KustoThrottlingError,
     )
 
+    where = _endpoint_of(exc) or (_safe_uri(host) if host else "Kusto")
+    head = f"{action} to {where} (database {database}) failed"
     if isinstance(exc, KustoThrottlingError):
-        return TransientBackendError(f"Kusto throttled the {action} (HTTP 429); retry later")
+        return TransientBackendError(f"{head}: Kusto throttled the {action} (HTTP 429); retry later")
     if isinstance(exc, KustoNetworkError):
         return TransientBackendError(
-            f"network error or timeout during the {action} (the connection failed, was dropped "
-            f"or did not answer in time): {type(exc.__cause__).__name__ if exc.__cause__ else 'unknown'}"
+            f"{head}: {_network_cause(exc)}: network error or timeout during the {action} (the "
+            "connection failed, was dropped or did not answer in time)"
         )
     if isinstance(exc, KustoClosedError):
-        return PermanentBackendError(f"the Kusto backend is closed; cannot run the {action}")
+        return PermanentBackendError(f"{head}: the Kusto backend is closed")
     if isinstance(exc, KustoAuthenticationError):
         return PermanentBackendError(
-            f"authentication with Kusto failed ({exc.authentication_method}) during the {action}: "
-            "check the credential (DefaultAzureCredential: az login, managed identity or "
-            "AZURE_* environment variables) and the cluster URI"
+            f"{head}: authentication with Kusto failed ({exc.authentication_method}): check the "
+            "credential (DefaultAzureCredential: az login, managed identity or AZURE_* environment "
+            "variables) and the cluster URI"
         )
     if isinstance(exc, KustoServiceError):
         status = _status_of(exc)
         what = _describe(exc)
         if status in (401, 403):
             return PermanentBackendError(
-                f"Kusto refused the {action} (HTTP {status}, not authorized) on database "
-                f"{database!r}: grant the identity Database Viewer and Database Ingestor "
-                "(Database Admin for setup(create=True) and compaction); check the credential"
+                f"{head}: Kusto refused the {action} (HTTP {status}, not authorized) on database {database!r}: "
+                "grant the identity Database Viewer and Database Ingestor (Database Admin for "
+                "setup(create=True) and compaction); check the credential"
             )
         if status == 404 and action.startswith("ingestion"):
             return PermanentBackendError(
-                f"the streaming ingestion endpoint does not exist: enable streaming ingestion on "
+                f"{head}: the streaming ingestion endpoint does not exist: enable streaming ingestion on "
                 f"the cluster, or use ingest_mode='queued' ({what})"
             )
         if _is_transient_api(exc):
             code = f"HTTP {status}" if status else "no HTTP status"
-            return TransientBackendError(f"Kusto failed the {action} ({code}), retryable: {what}")
+            return TransientBackendError(f"{head}: Kusto failed the {action} ({code}), retryable: {what}")
         low = what.lower()
         if "mapping" in low and ("not found" in low or "wasn't found" in low or "was not found" in low):
             mp = mapping_name(table) if table else "the JSON ingestion mapping"
             return PermanentBackendError(
-                f"the ingestion mapping {mp!r} is missing on table {table!r} in database "
+                f"{head}: the ingestion mapping {mp!r} is missing on table {table!r} in database "
                 f"{database!r}: {_PROVISION_HINT} ({what})"
             )
         if "streamingingestionpolicynotenabled" in low or "streaming ingestion policy" in low:
             return PermanentBackendError(
-                f"streaming ingestion is not enabled for table {table!r}: {_PROVISION_HINT}, and "
+                f"{head}: streaming ingestion is not enabled for table {table!r}: {_PROVISION_HINT}, and "
                 f"enable streaming ingestion on the cluster, or use ingest_mode='queued' ({what})"
             )
         if ("database" in low and ("not found" in low or "was not found" in low)) and "kind 'database'" in low:
-            return PermanentBackendError(f"database {database!r} was not found: check database= and the cluster URI ({what})")
+            return PermanentBackendError(
+                f"{head}: database {database!r} was not found: check database= and the cluster URI ({what})"
+            )
         if (
             ("kind 'table'" in low and "not found" in low)
             or "failed to resolve table" in low
@@ -398,17 +451,17 @@ def map_error(exc: BaseException, *, database: str, action: str, table: str | No
             or ("table" in low and "does not exist" in low)
         ):
             return PermanentBackendError(
-                f"a table the {action} needs is missing in database {database!r}: {_PROVISION_HINT} ({what})"
+                f"{head}: a table the {action} needs is missing in database {database!r}: {_PROVISION_HINT} ({what})"
             )
         return PermanentBackendError(
-            f"Kusto rejected the {action} (HTTP {status}): {what}. If the schema is out of date, "
-            f"{_PROVISION_HINT}"
+            f"{head}: Kusto rejected the {action} (HTTP {status}): {what.rstrip('.')}. If the schema is "
+            f"out of date, {_PROVISION_HINT}"
         )
     if isinstance(exc, KustoClientError):
-        return PermanentBackendError(f"the Kusto client could not run the {action}: {type(exc).__name__}: {exc}")
+        return PermanentBackendError(f"{head}: the Kusto client could not run it: {type(exc).__name__}: {exc}")
     if isinstance(exc, (ConnectionError, TimeoutError)):
-        return TransientBackendError(f"network error during the {action}: {type(exc).__name__}")
-    return PermanentBackendError(f"the {action} failed: {type(exc).__name__}: {exc}")
+        return TransientBackendError(f"{head}: {_network_cause(exc)}: network error during the {action}")
+    return PermanentBackendError(f"{head}: {type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------------------
@@ -750,7 +803,7 @@ class KustoBackend:
         except ConfigError:
             raise
         except Exception as exc:
-            raise map_error(exc, database=self.database, action="connection setup") from None
+            raise map_error(exc, database=self.database, action="connection setup", host=self.cluster_uri) from None
         self._client, self._ingest_client = client, ingest
         self._has_view = None
         log.debug("opened %r", self)
@@ -829,7 +882,7 @@ class KustoBackend:
                 response = client.execute_query(self.database, kql, props)
             tables = response.primary_results
         except Exception as exc:  # noqa: BLE001 - mapped
-            raise map_error(exc, database=self.database, action=action) from exc
+            raise map_error(exc, database=self.database, action=action, host=self.cluster_uri) from exc
         if not tables:
             return []
         from azure.kusto.data.response import KustoResponseDataSetV1
@@ -915,7 +968,8 @@ class KustoBackend:
                 result = ingest.ingest_from_stream(descriptor, props)
             except Exception as exc:  # noqa: BLE001 - mapped
                 raise map_error(
-                    exc, database=self.database, action=f"ingestion into {spec.name}", table=spec.name
+                    exc, database=self.database, action=f"ingestion into {spec.name}", table=spec.name,
+                    host=self.ingest_uri or self.cluster_uri,
                 ) from exc
             if getattr(result, "status", None) == IngestionStatus.QUEUED:
                 queued.append(str(result.source_id).lower())
@@ -934,7 +988,8 @@ class KustoBackend:
                 client.execute_mgmt(self.database, head + body.decode("utf-8"), props)
             except Exception as exc:  # noqa: BLE001 - mapped
                 raise map_error(
-                    exc, database=self.database, action=f"ingestion into {spec.name}", table=spec.name
+                    exc, database=self.database, action=f"ingestion into {spec.name}", table=spec.name,
+                    host=self.ingest_uri or self.cluster_uri,
                 ) from exc
 
     # -- schema ------------------------------------------------------------
