@@ -288,7 +288,8 @@ async def test_network_errors_name_the_host_and_the_cause_in_their_first_line() 
         await backend.close()
 
     # through the saver: the IngestError of flush() says the same in its first line
-    async with AsyncKustoSaver.from_connection_string(uri, DB, **FAST) as saver:
+    # (durability="memory": the put returns at once, and flush() reports what failed)
+    async with AsyncKustoSaver.from_connection_string(uri, DB, durability="memory", **FAST) as saver:
         await saver.aput(CONFIG, empty_checkpoint(), {}, {})
         with pytest.raises(IngestError) as caught:
             await saver.flush()
