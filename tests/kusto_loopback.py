@@ -662,6 +662,31 @@ def _statement_split(predicate: str) -> tuple[str, str]:
     raise _syntax("declare query_parameters(...) must end with ';'")
 
 
+def _literals_as_parameters(body: str) -> tuple[str, dict[str, str]]:
+    """A soft delete's predicate with every string literal (``"..."``, ``'...'``,
+    ``@"..."``, ``h"..."``) replaced by a generated parameter holding the value Kusto reads
+    (:func:`read_literal`, C# escapes as Kusto.Language decodes them): duckdb-kql splices a
+    literal's text into SQL as is, which would not read escapes such as ``\\u0000``. A
+    literal is where the one literal function puts user values in a control command
+    (Microsoft documents the predicate as a plain query:
+    https://learn.microsoft.com/kusto/management/soft-delete-command)."""
+    out: list[str] = []
+    values: dict[str, str] = {}
+    pos = 0
+    start = re.compile(r"(?<![\w.])(?:[hH]?@?)(?=['\"])")
+    while True:
+        m = start.search(body, pos)
+        if m is None:
+            out.append(body[pos:])
+            break
+        value, end = read_literal(body, m.start())
+        name = f"__loopback_lit{len(values)}"
+        values[name] = value
+        out.append(body[pos:m.start()] + name)
+        pos = end
+    return "".join(out), values
+
+
 # ---------------------------------------------------------------------------
 # JSON ingestion mappings
 # ---------------------------------------------------------------------------
@@ -1447,6 +1472,10 @@ class LoopbackKusto:
         if not view:
             self._require_table(table)
         declaration, body = _statement_split(predicate)
+        body, literals = _literals_as_parameters(body)
+        if literals:
+            declaration = (f"declare query_parameters({', '.join(f'{n}:string' for n in literals)});"
+                           f"{declaration}")
         head = re.match(rf"\s*({_NAME})\s*(?=\||$)", body)
         if head is None or _unname(head.group(1)) != table:
             raise KustoRequestError(
@@ -1468,6 +1497,7 @@ class LoopbackKusto:
                              f"{rowid} AS __loopback_rowid FROM {quote_ident(table)}")
             try:
                 decoded = decode_parameters(query, parameters, strict=self.strict_parameters)
+                decoded.update(literals)
                 sql = duckdb_kql.to_sql(query, schema=_duck_schema(self.con), parameters=decoded)
                 if sql.unbound:
                     raise KqlSchemaError(", ".join(sql.unbound),

@@ -51,6 +51,7 @@ import anyio.to_thread
 import orjson
 
 from ..errors import ConfigError, PermanentBackendError, TransientBackendError
+from ..kql import kql_string_literal
 from ..records import JsonText, b64encode, us_to_datetime
 from ..schema import CHECKPOINTS, DATETIME, DYNAMIC, LATEST_VIEW, TABLES, TABLES_BY_NAME, Table, mapping_name
 
@@ -73,28 +74,12 @@ _PROVISION_HINT = "run provision.kql against the database, or call setup(create=
 # Parameters: Python values as the KQL literals Kusto parses
 # ---------------------------------------------------------------------------
 
-_QUOTE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _KIND_ALIASES = {
     "string": "string", "long": "long", "int64": "long", "int": "int", "int32": "int",
     "bool": "bool", "boolean": "bool", "datetime": "datetime", "date": "datetime",
     "dynamic": "dynamic", "real": "real", "double": "real", "timespan": "timespan",
     "time": "timespan", "guid": "guid", "uuid": "guid", "uniqueid": "guid", "decimal": "decimal",
 }
-
-
-def kql_string_literal(value: str) -> str:
-    """A double-quoted KQL string literal that Kusto reads back as exactly ``value``."""
-    out = ['"']
-    for ch in value:
-        esc = _QUOTE_ESCAPES.get(ch)
-        if esc is not None:
-            out.append(esc)
-        elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or ch in "\u2028\u2029":
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
 
 
 def kusto_datetime_text(value: dt.datetime | int) -> str:
@@ -1000,19 +985,18 @@ class KustoBackend:
 
 
 _CHECKPOINTS_DELETION = re.compile(
-    rf"\.delete table {CHECKPOINTS.name} records <\| (declare query_parameters\([^()]*\);)\n"
-    rf"{CHECKPOINTS.name} (\| where [^\n]+)"
+    rf"\.delete table {CHECKPOINTS.name} records <\| {CHECKPOINTS.name} (\| where .+)", re.S
 )
 
 
 def latest_view_deletion(kql: str) -> str | None:
     """For compaction's ``.delete table Checkpoints records`` (``kql.compaction_command``):
-    the same deletion on the LatestCheckpoints view, same parameters; None for any other
-    text. The view has every Checkpoints column, so the predicate reads the same."""
+    the same deletion on the LatestCheckpoints view; None for any other text. The view
+    has every Checkpoints column, so the predicate reads the same."""
     m = _CHECKPOINTS_DELETION.fullmatch(kql)
     if m is None:
         return None
-    return f".delete materialized-view {LATEST_VIEW} records <| {m.group(1)}\n{LATEST_VIEW} {m.group(2)}"
+    return f".delete materialized-view {LATEST_VIEW} records <| {LATEST_VIEW} {m.group(1)}"
 
 
 def _parse_connection_string(text: str) -> Any:

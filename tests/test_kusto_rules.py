@@ -1,0 +1,125 @@
+"""Kusto's own rules for credentials, provisioning, control commands, deletion and limits,
+proved through the real azure-kusto SDKs against the loopback endpoint
+(tests/kusto_loopback.py), which enforces each rule as Microsoft documents it, and through
+Kusto.Language (tests/kql_checker.py) where the rule is about KQL text.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kql_checker  # noqa: E402
+
+from langgraph.checkpoint.kusto.engine import kql, schema  # noqa: E402
+from langgraph.checkpoint.kusto.engine.records import TombstoneRec  # noqa: E402
+
+needs_node = pytest.mark.skipif(not kql_checker.node_available(), reason=kql_checker.NODE_MISSING_REASON)
+
+#: values a user may put in a thread id, namespace, checkpoint id or run id
+HOSTILE = [
+    "",
+    "plain",
+    "it's",
+    'say "hi"',
+    "back\\slash \\' \\\" \\",
+    "\\",
+    "ends with a backslash\\",
+    "multi\nline\r\nand\ttab",
+    "NUL \x00 inside, and \x01\x1f\x7f\x85",
+    "line separators \u2028 \u2029",
+    '"; .drop table Checkpoints',
+    "'; .drop table Checkpoints //",
+    '"); .drop table Checkpoints <| print 1',
+    "pipe | take 1 | where 1 == 1",
+    "non-ASCII: é ü ß 中文 🙂 \U0001f600",
+    "\\u0041 is not an escape here",
+    "```triple backticks```",
+    "x" * 100_000,
+]
+
+
+# --------------------------------------------------------------------------- literals
+
+
+def test_literal_writes_each_kind_as_kusto_reads_it() -> None:
+    import datetime as dt
+
+    assert kql.literal("a\"b\\c\nd") == '"a\\"b\\\\c\\nd"'
+    assert kql.literal(dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone.utc)) == (
+        "datetime(2024-05-06T07:08:09.1234560Z)"
+    )
+    assert kql.literal(5) == "long(5)" and kql.literal(True) == "bool(true)"
+    with pytest.raises(TypeError):
+        kql.literal(1.5)
+    for value in HOSTILE:
+        text = kql.literal(value)
+        assert "\n" not in text and "\r" not in text and "\x00" not in text
+        # the inverse the embedded store uses reads back exactly the value
+        assert kql.literals_as_parameters(f"T | where a == {text}") == ("T | where a == lit0", {"lit0": value})
+
+
+@needs_node
+def test_every_literal_decodes_exactly_through_kusto_language() -> None:
+    """Kusto.Language, the parser behind Azure Data Explorer, reads each literal back as
+    exactly the value (its LiteralValue), and finds no error in ``print x = <literal>``.
+    String literal rules: https://learn.microsoft.com/kusto/query/scalar-data-types/string"""
+    items = [(f"v{i}", f"print x = {kql.literal(v)}") for i, v in enumerate(HOSTILE)]
+    result = kql_checker.string_literals(items)
+    for i, value in enumerate(HOSTILE):
+        diagnostics, literals = result[f"v{i}"]
+        assert not kql_checker.errors(diagnostics), (value[:80], diagnostics)
+        assert literals == [value], value[:80]
+
+
+def _hostile_tombs() -> list[TombstoneRec]:
+    tombs = []
+    for i, v in enumerate(HOSTILE[:-1]):
+        tombs.append(TombstoneRec(schema.SCOPE_THREAD, thread_id=v, deleted_at=1_700_000_000_000_000 + i))
+        tombs.append(TombstoneRec(schema.SCOPE_CHECKPOINT, thread_id=v, checkpoint_ns=v[::-1],
+                                  checkpoint_id=v + "c", deleted_at=5 + i))
+        tombs.append(TombstoneRec(schema.SCOPE_RUN, run_id=v + "r", deleted_at=7))
+    return tombs
+
+
+def _expected_literals(table: str, tombs: list[TombstoneRec]) -> list[str]:
+    out: list[str] = []
+    for t in tombs:
+        if t.scope == schema.SCOPE_THREAD:
+            out.append(t.thread_id)
+        elif t.scope == schema.SCOPE_CHECKPOINT and table in (schema.CHECKPOINTS.name, schema.WRITES.name):
+            out += [t.thread_id, t.checkpoint_ns, t.checkpoint_id]
+        elif t.scope == schema.SCOPE_RUN and table == schema.CHECKPOINTS.name:
+            out.append(t.run_id)
+    return out
+
+
+@needs_node
+def test_compaction_commands_carry_exact_literals_and_bind() -> None:
+    """Every control command the product sends with user values (compaction's soft
+    deletes, and the same on the LatestCheckpoints view) parses and binds in
+    Kusto.Language, and its literals read back as exactly the user's values, in order."""
+    from langgraph.checkpoint.kusto.engine.backends.kusto import latest_view_deletion
+
+    tombs = _hostile_tombs()
+    items, expected = [], {}
+    for table in (schema.CHECKPOINTS.name, schema.WRITES.name, schema.BLOBS.name):
+        text, params = kql.compaction_command(table, tombs)
+        assert params == {} and "declare" not in text
+        items.append((table, text))
+        expected[table] = _expected_literals(table, tombs)
+    view = latest_view_deletion(items[0][1])
+    assert view is not None
+    items.append(("view", view))
+    expected["view"] = expected[schema.CHECKPOINTS.name]
+    parsed = kql_checker.string_literals(items)
+    bound = kql_checker.check_kql(items)
+    for name, text in items:
+        diagnostics, literals = parsed[name]
+        assert not kql_checker.errors(bound[name]), kql_checker.format_diagnostics(text, bound[name])
+        assert literals == expected[name], name
