@@ -75,7 +75,9 @@ Supported
 
 Not supported
 -------------
-Authentication (none is checked), queued ingestion (``QueuedIngestClient`` and the managed
+Authentication (none is checked, unless ``bearer_tokens`` names the tokens to accept:
+then a request without one is refused with 401; ``tls=True`` serves https with a
+self-signed certificate, PEM at ``ca_file``), queued ingestion (``QueuedIngestClient`` and the managed
 client's fallback need the DM endpoint, blob storage and queues), ingestion from blob URLs,
 CSV/Avro/Parquet ingestion, update policies, ``materialized_view()``, progressive/streaming
 v2 responses, ``.show operations``, extents, purge, functions, and retention/caching policies
@@ -908,6 +910,11 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 pass  # answered below, unless a fault comes first
         owner._count(route, entry)
+        refusal = owner._refuse_unauthenticated(self.headers)
+        if refusal is not None:
+            entry.status = refusal[0]
+            self._send(*refusal)
+            return
         delay, outcome = owner.faults._take(route)
         if delay is not None:
             entry.delayed = delay.seconds
@@ -982,7 +989,8 @@ class LoopbackKusto:
     def __init__(self, database: str = "testdb", *, strict_parameters: bool = True,
                  require_streaming_policy: bool = False, quiet: bool = True,
                  max_value_bytes: int = MAX_VALUE_BYTES,
-                 max_streaming_bytes: int = MAX_STREAMING_BYTES) -> None:
+                 max_streaming_bytes: int = MAX_STREAMING_BYTES, tls: bool = False,
+                 bearer_tokens: Any = None) -> None:
         if not re.fullmatch(r"[A-Za-z_][\w-]*", database):
             raise ValueError(f"unsupported database name {database!r}")
         self.database = database
@@ -1003,6 +1011,7 @@ class LoopbackKusto:
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._rules_init(tls=tls, bearer_tokens=bearer_tokens)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -1014,6 +1023,7 @@ class LoopbackKusto:
         con.execute(f"USE {quote_ident(self.database)}")
         self.con = con
         self._httpd = _HTTPServer(self, con)
+        self._rules_start(self._httpd)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
             name=f"kusto-loopback:{self._httpd.server_address[1]}", daemon=True)
@@ -1056,13 +1066,59 @@ class LoopbackKusto:
 
         await anyio.to_thread.run_sync(self.stop)
 
+    # -- TLS and bearer tokens (tests/test_kusto_rules.py) ---------------------
+
+    def _rules_init(self, *, tls: bool, bearer_tokens: Any) -> None:
+        #: serve https with a self-signed certificate for 127.0.0.1 (``ca_file`` is its
+        #: PEM: hand it to the client, e.g. REQUESTS_CA_BUNDLE), so a client that sends
+        #: tokens only over https can be tested as in production
+        self.tls = tls
+        self.ca_file: str | None = None
+        #: when a collection: every request must carry ``Authorization: Bearer <token>``
+        #: with a token in it (checked at request time, so a test may add tokens as its
+        #: credential issues them), else 401 as Kusto answers an unauthenticated request
+        self.bearer_tokens = bearer_tokens
+        #: the Authorization header of every request, in order
+        self.authorizations: list[str | None] = []
+
+    def _rules_start(self, httpd: Any) -> None:
+        if not self.tls:
+            return
+        import ssl
+        import tempfile
+
+        cert, key = _self_signed_certificate("127.0.0.1")
+        folder = tempfile.mkdtemp(prefix="kusto-loopback-tls-")
+        self.ca_file = f"{folder}/cert.pem"
+        with open(self.ca_file, "wb") as f:
+            f.write(cert)
+        with open(f"{folder}/key.pem", "wb") as f:
+            f.write(key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.ca_file, f"{folder}/key.pem")
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+
+    def _refuse_unauthenticated(self, headers: Any) -> tuple[int, Any] | None:
+        header = headers.get("Authorization")
+        with self._log_lock:
+            self.authorizations.append(header)
+        if self.bearer_tokens is None:
+            return None
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() == "bearer" and token in self.bearer_tokens:
+            return None
+        return 401, error_body("Unauthorized: the request has no valid bearer token",
+                               code="Unauthorized", kind="Kusto.Common.Svc.Exceptions.UnauthorizedException",
+                               permanent=True)
+
     # -- conveniences for tests -----------------------------------------------
 
     @property
     def uri(self) -> str:
         if self._httpd is None:
             raise RuntimeError("not started")
-        return self._httpd.url
+        url = self._httpd.url
+        return "https://" + url.partition("://")[2] if self.tls else url
 
     def kcsb(self) -> Any:
         """``KustoConnectionStringBuilder.with_no_authentication(uri)``, default db set."""
@@ -1647,6 +1703,30 @@ class LoopbackKusto:
         if scale and isinstance(value, (int, float)) and not isinstance(value, bool):
             return dt.datetime(1970, 1, 1) + dt.timedelta(seconds=value / scale)
         return _to_column(value, kind)
+
+
+def _self_signed_certificate(host: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate (PEM) for an IP address, and its key (PEM)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
 
 
 _POLICY_NAMES = {"streamingingestion": "StreamingIngestion", "retention": "Retention",

@@ -123,3 +123,133 @@ def test_compaction_commands_carry_exact_literals_and_bind() -> None:
         diagnostics, literals = parsed[name]
         assert not kql_checker.errors(bound[name]), kql_checker.format_diagnostics(text, bound[name])
         assert literals == expected[name], name
+
+
+# --------------------------------------------------------------------------- credentials
+
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import anyio  # noqa: E402
+from azure.core.credentials import AccessToken  # noqa: E402
+from azure.core.exceptions import ClientAuthenticationError  # noqa: E402
+from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
+from kusto_loopback import LoopbackKusto  # noqa: E402
+
+from langgraph.checkpoint.kusto import AsyncKustoSaver  # noqa: E402
+from langgraph.checkpoint.kusto.engine.backends.kusto import (  # noqa: E402
+    TOKEN_REFRESH_SECONDS,
+    KustoBackend,
+)
+
+DB = "checkpoints"
+FAST = {"flush_interval": 0.01, "retry_backoff": 0.01, "retry_backoff_max": 0.05}
+
+
+class IssuingCredential:
+    """A real azure-core TokenCredential: issues tokens the loopback accepts, counts
+    ``get_token`` per scope and ``close()``, and refuses tokens once closed (as a closed
+    azure-identity credential can no longer reach its token source)."""
+
+    def __init__(self, accepted: set[str], lifetime: float = 3600.0) -> None:
+        self.accepted = accepted
+        self.lifetime = lifetime
+        self.calls: Counter[tuple[str, ...]] = Counter()
+        self.closes = 0
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        if self.closes:
+            raise ClientAuthenticationError("this credential was closed")
+        self.calls[scopes] += 1
+        token = f"token-{sum(self.calls.values())}"
+        self.accepted.add(token)
+        return AccessToken(token, int(time.time() + self.lifetime))
+
+    def close(self) -> None:
+        self.closes += 1
+
+    def __enter__(self) -> IssuingCredential:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def tls_loopback(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An https loopback that refuses requests without a token it accepts; requests (the
+    SDK's HTTP client) trusts its certificate through REQUESTS_CA_BUNDLE."""
+
+    async def start() -> LoopbackKusto:
+        srv = LoopbackKusto(database=DB, tls=True, bearer_tokens=set())
+        await anyio.to_thread.run_sync(srv.start)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", srv.ca_file or "")
+        return srv
+
+    return start
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_saver_never_closes_a_credential_it_did_not_create(tls_loopback: Any) -> None:
+    """The SDK's client ``close()`` closes the credential it was given
+    (azure-kusto-data/azure/kusto/data/client.py ``close`` -> ``_AadHelper.close`` ->
+    ``AzureIdentityTokenCredentialProvider.close``): closing a saver, or ``setup()`` on a
+    closed one, must not close the caller's credential, which the caller goes on using."""
+    srv = await tls_loopback()
+    try:
+        cred = IssuingCredential(srv.bearer_tokens)
+        backend = KustoBackend(srv.uri, DB, credential=cred)
+        assert (await backend.setup(create=True)).ok  # opens and closes its own clients
+        assert cred.closes == 0
+        for _ in range(2):  # a saver closed, then used again
+            saver = AsyncKustoSaver(backend, **FAST)
+            async with saver:
+                cfg = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+                await saver.aput(cfg, empty_checkpoint(), {"step": 1}, {})
+                await saver.flush()
+                assert await saver.aget_tuple(cfg) is not None
+            assert cred.closes == 0
+            assert (await backend.setup()).ok  # setup() on a closed saver
+            assert cred.closes == 0
+        assert all(a is not None and a.startswith("Bearer token-") for a in srv.authorizations)
+        assert srv.errors == []
+    finally:
+        await anyio.to_thread.run_sync(srv.stop)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_tokens_are_cached_per_scope_until_shortly_before_expiry(tls_loopback: Any) -> None:
+    """The SDK asks for a token on every request (``AzureIdentityTokenCredentialProvider.
+    _get_token_from_cache_impl`` returns None in azure-kusto-data's _token_providers.py) and
+    ``AzureCliCredential`` does not cache: N requests cost one ``get_token`` per scope, and
+    a token inside azure-core's refresh window (DEFAULT_REFRESH_WINDOW_SECONDS) is renewed."""
+    srv = await tls_loopback()
+    try:
+        lasting = IssuingCredential(srv.bearer_tokens, lifetime=3600)
+        backend = KustoBackend(srv.uri, DB, credential=lasting)
+        await backend.setup(create=True)
+        await backend.open()
+        try:
+            for _ in range(10):
+                assert await backend.query("print x = 1", {}) == [{"x": 1}]
+        finally:
+            await backend.close()
+        requests = len(srv.authorizations)
+        assert requests > 10 + len(lasting.calls)
+        assert set(lasting.calls.values()) == {1}, lasting.calls  # one token per scope, ever
+        assert len(set(srv.authorizations)) == len(lasting.calls)
+
+        expiring = IssuingCredential(srv.bearer_tokens, lifetime=TOKEN_REFRESH_SECONDS - 60)
+        backend = KustoBackend(srv.uri, DB, credential=expiring)
+        await backend.open()
+        try:
+            for _ in range(3):
+                await backend.query("print x = 1", {})
+        finally:
+            await backend.close()
+        assert sum(expiring.calls.values()) == 3  # near expiry: renewed at each request
+        assert srv.errors == []
+    finally:
+        await anyio.to_thread.run_sync(srv.stop)

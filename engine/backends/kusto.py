@@ -548,6 +548,62 @@ def _copy_kcsb(kcsb: Any) -> Any:
     return new
 
 
+#: a cached token is renewed this many seconds before it expires: azure-core's own
+#: refresh window (azure/core/pipeline/policies/_authentication.py,
+#: DEFAULT_REFRESH_WINDOW_SECONDS), which its pipelines apply to every credential
+TOKEN_REFRESH_SECONDS = 300.0
+
+
+class CachedTokenCredential:
+    """A TokenCredential in front of another, that keeps each token until shortly before
+    it expires, per (scopes, claims, tenant).
+
+    The Kusto SDK asks its credential for a token on every request
+    (``AzureIdentityTokenCredentialProvider._get_token_from_cache_impl`` returns None:
+    azure-kusto-data/azure/kusto/data/_token_providers.py), and some azure-identity
+    credentials do not cache (``AzureCliCredential`` runs ``az`` each time). ``close()``
+    does nothing: the SDK's client ``close()`` closes the credential it was given
+    (``AzureIdentityTokenCredentialProvider.close``), and a credential the caller passed
+    in is the caller's to close; :class:`KustoBackend` closes one it created itself."""
+
+    def __init__(self, credential: Any, refresh_seconds: float = TOKEN_REFRESH_SECONDS) -> None:
+        import threading
+
+        self.credential = credential
+        self.refresh_seconds = refresh_seconds
+        self._tokens: dict[tuple[Any, ...], Any] = {}
+        self._locks: dict[tuple[Any, ...], Any] = {}
+        self._lock = threading.Lock()
+        self._new_lock = threading.Lock
+
+    def get_token(self, *scopes: str, claims: str | None = None, tenant_id: str | None = None, **kwargs: Any) -> Any:
+        import time
+
+        key = (scopes, claims, tenant_id, kwargs.get("enable_cae"))
+        token = self._tokens.get(key)
+        if token is not None and token.expires_on - time.time() > self.refresh_seconds:
+            return token
+        with self._lock:
+            lock = self._locks.setdefault(key, self._new_lock())
+        with lock:  # one request per scope at a time: callers waiting share its answer
+            token = self._tokens.get(key)
+            if token is not None and token.expires_on - time.time() > self.refresh_seconds:
+                return token
+            extra = {k: v for k, v in (("claims", claims), ("tenant_id", tenant_id)) if v is not None}
+            token = self.credential.get_token(*scopes, **extra, **kwargs)
+            self._tokens[key] = token
+            return token
+
+    def close(self) -> None:
+        """Nothing: see the class docstring."""
+
+    def __enter__(self) -> CachedTokenCredential:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class KustoBackend:
     """Azure Data Explorer behind the backend protocol.
 
@@ -655,6 +711,7 @@ class KustoBackend:
         self.max_request_bytes = max_request_bytes
         self.threads = threads
         self._owns_credential = False
+        self._cached_credential: CachedTokenCredential | None = None
         self._client: Any = None
         self._ingest_client: Any = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -687,7 +744,11 @@ class KustoBackend:
                 raise ConfigError("azure-identity is needed for DefaultAzureCredential: pip install azure-identity") from exc
             self._token_credential = DefaultAzureCredential()
             self._owns_credential = True
-        return KustoConnectionStringBuilder.with_azure_token_credential(target, credential=self._token_credential)
+        if self._cached_credential is None or self._cached_credential.credential is not self._token_credential:
+            self._cached_credential = CachedTokenCredential(self._token_credential)
+        # the SDK closes the credential it is given when its client closes: it gets the
+        # cache, whose close() leaves the caller's credential open
+        return KustoConnectionStringBuilder.with_azure_token_credential(target, credential=self._cached_credential)
 
     def _open_sync(self) -> tuple[Any, Any]:
         from azure.kusto.data import KustoClient
