@@ -50,7 +50,8 @@ Supported
           <| [declare query_parameters(...);] T | where ... (where/extend/project only)
       .execute database script [with (ContinueOnErrors=true)] <| one command per line
           starting with '.' (answers Completed/Failed/Skipped per command, like Kusto)
-      .clear cache streaming ingestion schema         (no-op)
+      .clear database|table T cache streamingingestion schema
+          (ends the emulated schema-cache delay: ``schema_cache_seconds``)
       .get ingestion resources                        (refused: no queued ingestion)
       .ingest inline into table T [with (format=json|multijson|singlejson,
           ingestionMappingReference=m)] <| data     (mapped like streaming ingestion)
@@ -990,7 +991,7 @@ class LoopbackKusto:
                  require_streaming_policy: bool = False, quiet: bool = True,
                  max_value_bytes: int = MAX_VALUE_BYTES,
                  max_streaming_bytes: int = MAX_STREAMING_BYTES, tls: bool = False,
-                 bearer_tokens: Any = None) -> None:
+                 bearer_tokens: Any = None, schema_cache_seconds: float = 0.0) -> None:
         if not re.fullmatch(r"[A-Za-z_][\w-]*", database):
             raise ValueError(f"unsupported database name {database!r}")
         self.database = database
@@ -1011,7 +1012,7 @@ class LoopbackKusto:
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._rules_init(tls=tls, bearer_tokens=bearer_tokens)
+        self._rules_init(tls=tls, bearer_tokens=bearer_tokens, schema_cache_seconds=schema_cache_seconds)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -1068,7 +1069,18 @@ class LoopbackKusto:
 
     # -- TLS and bearer tokens (tests/test_kusto_rules.py) ---------------------
 
-    def _rules_init(self, *, tls: bool, bearer_tokens: Any) -> None:
+    def _rules_init(self, *, tls: bool, bearer_tokens: Any, schema_cache_seconds: float) -> None:
+        #: streaming ingestion's schema cache: for this many seconds after a mapping is
+        #: created or altered, a streaming ingest that names it is refused as Kusto refuses
+        #: an unknown mapping, unless '.clear database|table cache streamingingestion
+        #: schema' ran since ("Schema updates, such as creation and modification of tables
+        #: and ingestion mappings, may take up to 5 minutes for the streaming ingestion
+        #: service": https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming;
+        #: https://learn.microsoft.com/kusto/management/data-ingestion/streaming-ingestion-schema-changes)
+        self.schema_cache_seconds = schema_cache_seconds
+        #: the next N cache-clearing commands answer Status=Failed for one node
+        self.schema_cache_clear_failures = 0
+        self._schema_changes: dict[str, float] = {}
         #: serve https with a self-signed certificate for 127.0.0.1 (``ca_file`` is its
         #: PEM: hand it to the client, e.g. REQUESTS_CA_BUNDLE), so a client that sends
         #: tokens only over https can be tested as in production
@@ -1097,6 +1109,37 @@ class LoopbackKusto:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.ca_file, f"{folder}/key.pem")
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+
+    def _schema_changed(self, table: str) -> None:
+        import time
+
+        self._schema_changes[table] = time.monotonic()
+
+    def _refuse_stale_mapping(self, table: str, mapping_name: str | None) -> None:
+        import time
+
+        changed = self._schema_changes.get(table)
+        if (mapping_name and changed is not None
+                and time.monotonic() - changed < self.schema_cache_seconds):
+            raise KustoRequestError(
+                f"Mapping reference '{mapping_name}' of type 'Json' in table '{table}' of "
+                f"database '{self.database}' wasn't found.",
+                code="BadRequest_MappingReferenceWasNotFound",
+                kind="Kusto.Data.Exceptions.EntityNotFoundException")
+
+    def _cmd_clear_schema_cache(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        table = m.group("table")
+        if table is not None:
+            self._require_table(_unname(table))
+        if self.schema_cache_clear_failures > 0:
+            self.schema_cache_clear_failures -= 1
+            return _v1([("NodeId", "string"), ("Status", "string")],
+                       [["Node1", "Succeeded"], ["Node2", "Failed"]])
+        if table is None:
+            self._schema_changes.clear()
+        else:
+            self._schema_changes.pop(_unname(table), None)
+        return _v1([("NodeId", "string"), ("Status", "string")], [["Node1", "Succeeded"]])
 
     def _refuse_unauthenticated(self, headers: Any) -> tuple[int, Any] | None:
         header = headers.get("Authorization")
@@ -1377,6 +1420,7 @@ class LoopbackKusto:
         if verb == "alter" and not exists:
             raise _not_found("IngestionMapping", name)
         self.mappings[(table, name)] = (kind, body)
+        self._schema_changed(table)
         return self._mappings_result([(table, name)])
 
     def _cmd_drop_mapping(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
@@ -1633,6 +1677,7 @@ class LoopbackKusto:
                 f"Stream ingestion failed: the request carries {len(data)} bytes of data, over "
                 f"the streaming ingestion limit of {self.max_streaming_bytes} bytes; use queued "
                 "ingestion for larger data", code="BadRequest_StreamingIngestionDataTooLarge")
+        self._refuse_stale_mapping(table, query.get("mappingname"))
         count = self._store(table, columns, _json_documents(text, fmt), query.get("mappingname"))
         return 200, _v1([("ConsumedRecordsCount", "long"), ("UpdatePolicyStatus", "string"),
                          ("UpdatePolicyFailureCode", "string"),
@@ -1802,8 +1847,8 @@ _COMMANDS: list[tuple[re.Pattern[str], Any]] = [
     (_rx(r"\.get\s+ingestion\s+resources$"), LoopbackKusto._cmd_ingestion_resources),
     (_rx(r"\.ingest\s+inline\s+into\s+table\s+(?P<table>NAME)(?:WITH)?\s*<\|(?P<data>.*)$"),
      LoopbackKusto._cmd_ingest_inline),
-    (_rx(r"\.clear\s+cache\s+streaming\s+ingestion\s+schema$"),
-     lambda self, m, p: _v1([("NodeId", "string"), ("Status", "string")], [])),
+    (_rx(r"\.clear\s+(?:database|table\s+(?P<table>NAME))\s+cache\s+streamingingestion\s+schema$"),
+     LoopbackKusto._cmd_clear_schema_cache),
     (_rx(r"\.execute\s+database\s+script(?:WITH)?\s*<\|(?P<script>.+)$"),
      LoopbackKusto._cmd_script),
 ]

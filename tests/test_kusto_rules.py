@@ -253,3 +253,63 @@ async def test_tokens_are_cached_per_scope_until_shortly_before_expiry(tls_loopb
         assert srv.errors == []
     finally:
         await anyio.to_thread.run_sync(srv.stop)
+
+
+# --------------------------------------------------------------------------- provisioning
+
+
+async def _first_put(srv: LoopbackKusto, **options: Any) -> None:
+    saver = AsyncKustoSaver.from_connection_string(cluster_uri=srv.uri, database=DB, **{**FAST, **options})
+    async with saver:
+        cfg = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+        await saver.aput(cfg, empty_checkpoint(), {"step": 1}, {})
+        await saver.flush()
+
+
+@pytest.mark.anyio
+async def test_streaming_ingestion_works_at_once_after_setup_create() -> None:
+    """Streaming ingestion nodes cache the schema: a new mapping is unknown to them for
+    minutes unless '.clear database cache streamingingestion schema' runs
+    (https://learn.microsoft.com/kusto/management/data-ingestion/streaming-ingestion-schema-changes).
+    The loopback refuses the new mapping for an hour; setup(create=True) clears the cache."""
+    async with LoopbackKusto(database=DB, schema_cache_seconds=3600) as srv:
+        backend = KustoBackend(srv.uri, DB)
+        report = await backend.setup(create=True)
+        assert report.ok and not report.warnings, report
+        sent = [r.csl for r in srv.requests if r.csl]
+        assert ".clear database cache streamingingestion schema" in sent
+        await _first_put(srv)
+        assert len(srv.rows("Checkpoints")) == 1
+        assert srv.errors == []
+
+
+@pytest.mark.anyio
+async def test_mapping_not_found_is_retried_for_a_bounded_time_after_provisioning() -> None:
+    """If clearing the cache fails on a node, setup warns, and the saver retries a 'mapping
+    not found' for ``schema_cache_grace`` seconds after provisioning; after that it is the
+    permanent error it is."""
+    async with LoopbackKusto(database=DB, schema_cache_seconds=0.6) as srv:
+        srv.schema_cache_clear_failures = 3
+        backend = KustoBackend(srv.uri, DB)
+        report = await backend.setup(create=True)
+        assert report.ok and any("streamingingestion schema" in w for w in report.warnings), report
+        saver = AsyncKustoSaver(backend, flush_interval=0.01, retry_backoff=0.1, retry_backoff_max=0.3,
+                                max_retries=20)
+        async with saver:
+            cfg = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+            await saver.aput(cfg, empty_checkpoint(), {"step": 1}, {})
+            await saver.flush()  # refused at first, then accepted once the cache caught up
+        refused = [r for r in srv.requests if r.route == "ingest" and r.status == 400]
+        assert refused and len(srv.rows("Checkpoints")) == 1
+        # outside the grace window the same refusal is permanent
+        backend.schema_cache_grace = 0.0
+        with srv._lock:
+            srv._schema_changed("Checkpoints")
+        from langgraph.checkpoint.kusto import IngestError
+
+        saver = AsyncKustoSaver(backend, **FAST)
+        with pytest.raises(IngestError, match="mapping"):
+            async with saver:
+                await saver.aput(cfg, empty_checkpoint(), {"step": 2}, {})
+                await saver.flush()
+        assert srv.errors == []

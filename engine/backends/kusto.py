@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,17 @@ DEFAULT_MAX_REQUEST_BYTES = _STREAMING_LIMIT - 64 * 1024
 
 _UTC = dt.timezone.utc
 _PROVISION_HINT = "run provision.kql against the database, or call setup(create=True) (needs Database Admin)"
+
+#: the host suffix of a Microsoft Fabric Eventhouse's query URI
+FABRIC_HOST_SUFFIX = ".kusto.fabric.microsoft.com"
+
+#: run after provisioning (https://learn.microsoft.com/kusto/management/data-ingestion/clear-schema-cache-command)
+CLEAR_STREAMING_SCHEMA_CACHE = ".clear database cache streamingingestion schema"
+
+#: provision.kql commands that Microsoft Fabric may refuse without the saver losing
+#: anything it needs: policies and the dashboards' materialized view (tables and
+#: mappings must succeed)
+_FABRIC_OPTIONAL = re.compile(r"\.(?:alter|alter-merge)\s+(?:table|database|materialized-view)\s+\S+\s+policy\b|\.create\s+ifnotexists\s+materialized-view\b")
 
 
 # ---------------------------------------------------------------------------
@@ -717,6 +729,15 @@ class KustoBackend:
         self._limiter: anyio.CapacityLimiter | None = None
         #: whether the LatestCheckpoints view exists (None: not looked yet)
         self._has_view: bool | None = None
+        #: seconds after setup(create=True) during which a streaming ingest refused for a
+        #: missing mapping is retried: schema changes "may take up to 5 minutes" to reach
+        #: streaming ingestion (https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming)
+        self.schema_cache_grace = 300.0
+        self._provisioned_at: float | None = None
+        #: a Microsoft Fabric Eventhouse (its query URI's host is *.kusto.fabric.microsoft.com):
+        #: provisioning skips what Fabric refuses of the optional commands, compaction stops
+        #: with a clear message if soft delete is refused (docs/kusto.md)
+        self.fabric = (urlsplit(self.cluster_uri).hostname or "").lower().endswith(FABRIC_HOST_SUFFIX)
 
     def __repr__(self) -> str:
         return (
@@ -889,7 +910,15 @@ class KustoBackend:
             raise PermanentBackendError(f"no table {table!r} in the schema (engine/schema.py)")
         if not rows:
             return
-        await self._run(self._ingest_sync, spec, rows)
+        try:
+            await self._run(self._ingest_sync, spec, rows)
+        except PermanentBackendError as exc:
+            if not self._schema_cache_catching_up(exc):
+                raise
+            raise TransientBackendError(
+                f"streaming ingestion into {spec.name} does not see its mapping yet: the nodes' "
+                "schema cache is catching up with provisioning (retried)"
+            ) from exc
 
     def _ingest_sync(self, spec: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         from azure.kusto.data.data_format import DataFormat
@@ -953,25 +982,70 @@ class KustoBackend:
             await self.open()
         try:
             ran = 0
+            notes: list[str] = []
             if create:
                 for cmd in provision_commands():
+                    first = cmd.splitlines()[0][:120]
                     try:
                         await self.command(cmd)
                     except PermanentBackendError as exc:
-                        first = cmd.splitlines()[0][:120]
+                        if self.fabric and _FABRIC_OPTIONAL.match(cmd):
+                            notes.append(
+                                f"Microsoft Fabric refused {first!r} ({exc}); skipped: an Eventhouse "
+                                "manages this itself (docs/kusto.md, Microsoft Fabric)"
+                            )
+                            continue
                         raise PermanentBackendError(
                             f"provision.kql failed at command {ran + 1} ({first!r}): {exc}. "
                             "setup(create=True) needs Database Admin on the database"
                         ) from exc
                     ran += 1
+                notes += await self._clear_streaming_schema_cache()
             report = await self.check_schema()
             report.commands_run = ran
+            report.warnings += notes
         finally:
             if opened_here:
                 await self.close()
         if not report.ok:
             raise SchemaError(report)
         return report
+
+    async def _clear_streaming_schema_cache(self) -> list[str]:
+        """After provisioning: ``.clear database cache streamingingestion schema``, so
+        streaming ingestion sees the new tables and mappings at once instead of after the
+        nodes' schema cache refreshes (minutes). A node answering Failed may be retried
+        safely (https://learn.microsoft.com/kusto/management/data-ingestion/clear-schema-cache-command);
+        if one still fails, "mapping not found" stays retryable for
+        ``schema_cache_grace`` seconds (:meth:`ingest`). Returns warnings for the report."""
+        self._provisioned_at = time.monotonic()
+        if self.ingest_mode not in ("streaming", "managed"):
+            return []
+        why = ""
+        for _ in range(3):
+            try:
+                rows = await self.command(CLEAR_STREAMING_SCHEMA_CACHE)
+            except (PermanentBackendError, TransientBackendError) as exc:
+                why = str(exc)
+                continue
+            failed = [r for r in rows if str(r.get("Status", "")).lower() == "failed"]
+            if not failed:
+                return []
+            why = f"{len(failed)} node(s) answered Failed"
+        return [
+            f"'{CLEAR_STREAMING_SCHEMA_CACHE}' did not succeed ({why}): streaming ingestion may "
+            f"refuse the new mappings for a few minutes; the saver retries them for "
+            f"{self.schema_cache_grace:g} s after provisioning"
+        ]
+
+    def _schema_cache_catching_up(self, exc: PermanentBackendError) -> bool:
+        """A streaming ingest refused for a missing mapping within ``schema_cache_grace``
+        seconds of provisioning: the nodes' schema cache, not the database, is behind."""
+        if self._provisioned_at is None or time.monotonic() - self._provisioned_at > self.schema_cache_grace:
+            return False
+        cause = exc.__cause__
+        low = (_describe(cause) if cause is not None else str(exc)).lower()
+        return "mapping" in low and ("not found" in low or "wasn't found" in low or "was not found" in low)
 
     async def check_schema(self) -> SchemaReport:
         """Every difference between the database and engine/schema.py (no exception)."""
