@@ -14,7 +14,18 @@ import re
 from typing import Any
 
 from .records import TombstoneRec, us_to_datetime
-from .schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, TOMBSTONES, WRITES
+from .schema import (
+    BLOBS,
+    CHECKPOINTS,
+    COMPACTION_DONE,
+    COMPACTION_LEASE,
+    COMPACTIONS,
+    SCOPE_CHECKPOINT,
+    SCOPE_RUN,
+    SCOPE_THREAD,
+    TOMBSTONES,
+    WRITES,
+)
 
 _CK_COLUMNS = ", ".join(CHECKPOINTS.column_names)
 
@@ -190,6 +201,28 @@ def compaction_command(table: str, tombs: list[TombstoneRec]) -> tuple[str, dict
     return f".delete table {table} records <| {table} | where {' or '.join(preds)}", {}
 
 
+_TOMB_KEY = "scope, thread_id, checkpoint_ns, checkpoint_id, run_id, deleted_at"
+
+
+def pending_tombstones_query(limit: int) -> str:
+    """Tombstones not yet compacted (no 'done' row in Compactions), oldest first: what
+    compaction still has to do, whichever process wrote them and whenever."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    return (
+        f'let done = {COMPACTIONS.name} | where entry == "{COMPACTION_DONE}" | distinct {_TOMB_KEY};\n'
+        f"{TOMBSTONES.name}\n| distinct {_TOMB_KEY}\n| join kind=leftanti done on {_TOMB_KEY}\n"
+        f"| order by deleted_at asc\n| take {int(limit)}"
+    )
+
+
+#: compaction lease claims written after ``since`` (the claimant's clock)
+LEASE_QUERY = f"""declare query_parameters(since:datetime);
+{COMPACTIONS.name}
+| where entry == "{COMPACTION_LEASE}" and written_at > since
+| distinct term, owner"""
+
+
 def all_templates() -> list[tuple[str, str]]:
     """Every query shape, for the KQL checker and the embedded translator."""
     return [
@@ -198,4 +231,6 @@ def all_templates() -> list[tuple[str, str]]:
         ("checkpoint_headers", checkpoints_query(None, False)),
         ("latest", latest_query()),
         ("values", VALUES_QUERY),
+        ("pending_tombstones", pending_tombstones_query(100)),
+        ("lease", LEASE_QUERY),
     ]

@@ -231,6 +231,10 @@ class DeleterState:
     #: tombstones ingested, to compact physically
     ready: list[Any] = field(default_factory=list)
     compacted: int = 0
+    #: this engine's name in compaction lease claims (Compactions table)
+    owner: str = field(default_factory=lambda: __import__("uuid").uuid4().hex)
+    #: why compaction is off for good in this engine (e.g. the service refuses soft delete)
+    compaction_off: str | None = None
     #: prune / copy_thread requests being worked on in child tasks, by id: a crash
     #: cancels those tasks, and the next incarnation starts them again
     running: dict[int, Any] = field(default_factory=dict)

@@ -299,6 +299,8 @@ class LoggedRequest:
     #: the fault applied, if any ("fail", "drop"; "delay" is kept in ``delayed``)
     fault: str | None = None
     delayed: float = 0.0
+    #: time.monotonic() when it arrived
+    received: float = dataclasses.field(default_factory=lambda: __import__("time").monotonic())
 
     @property
     def csl(self) -> str | None:
@@ -886,6 +888,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
+        for name, value in self.owner._extra_headers(status):
+            self.send_header(name, value)
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -1081,6 +1085,21 @@ class LoopbackKusto:
         #: the next N cache-clearing commands answer Status=Failed for one node
         self.schema_cache_clear_failures = 0
         self._schema_changes: dict[str, float] = {}
+        #: a soft delete holds its table this long after it ran (the extents replacement
+        #: phase); a second soft delete on the same table meanwhile is refused: "Don't run
+        #: multiple parallel soft delete operations on the same table, as this may result
+        #: in failures of some or all the commands"
+        #: (https://learn.microsoft.com/kusto/concepts/data-soft-delete). Each refusal is
+        #: kept in ``soft_delete_refusals``
+        #: regular expressions: a command matching one is refused (400, permanent), as a
+        #: service that does not offer it answers (e.g. a Microsoft Fabric Eventhouse)
+        self.refuse_commands: list[str] = []
+        #: the Retry-After header sent with every 429 answer (seconds, or an HTTP date);
+        #: None sends none
+        self.retry_after: str | None = None
+        self.soft_delete_seconds = 0.0
+        self.soft_delete_refusals: list[str] = []
+        self._deleting: set[tuple[str, str]] = set()
         #: serve https with a self-signed certificate for 127.0.0.1 (``ca_file`` is its
         #: PEM: hand it to the client, e.g. REQUESTS_CA_BUNDLE), so a client that sends
         #: tokens only over https can be tested as in production
@@ -1140,6 +1159,39 @@ class LoopbackKusto:
         else:
             self._schema_changes.pop(_unname(table), None)
         return _v1([("NodeId", "string"), ("Status", "string")], [["Node1", "Succeeded"]])
+
+    def _extra_headers(self, status: int) -> list[tuple[str, str]]:
+        if status == 429 and self.retry_after is not None:
+            return [("Retry-After", self.retry_after)]
+        return []
+
+    def _refuse_listed_command(self, text: str) -> None:
+        for pattern in self.refuse_commands:
+            if re.match(pattern, text, re.I | re.S):
+                raise KustoRequestError(f"The command is not supported by this service: {text[:60]!r}",
+                                        code="BadRequest_CommandNotSupported")
+
+    def _soft_delete_enter(self, handler: Any, m: re.Match[str]) -> tuple[str, str] | None:
+        if handler is not LoopbackKusto._cmd_delete_records:
+            return None
+        key = (m.group("kind").lower(), _unname(m.group("table")))
+        with self._log_lock:
+            if key in self._deleting:
+                self.soft_delete_refusals.append(key[1])
+                raise KustoRequestError(
+                    f"Soft delete failed: another soft delete is running on {key[0]} '{key[1]}'; "
+                    "parallel soft deletes on one table are not supported",
+                    code="General_BadRequest", status=409, permanent=False)
+            self._deleting.add(key)
+        return key
+
+    def _soft_delete_exit(self, key: tuple[str, str] | None) -> None:
+        if key is None:
+            return
+        if self.soft_delete_seconds:
+            self._stopping.wait(self.soft_delete_seconds)
+        with self._log_lock:
+            self._deleting.discard(key)
 
     def _refuse_unauthenticated(self, headers: Any) -> tuple[int, Any] | None:
         header = headers.get("Authorization")
@@ -1273,9 +1325,11 @@ class LoopbackKusto:
 
     def _command(self, text: str, parameters: Any = None) -> dict[str, Any]:
         text = text.strip().rstrip(";").strip()
+        self._refuse_listed_command(text)
         for pattern, handler in _COMMANDS:
             m = pattern.match(text)
             if m:
+                held = self._soft_delete_enter(handler, m)
                 try:
                     with self._lock:  # one command at a time, like a database's admin queue
                         return handler(self, m, parameters)
@@ -1285,6 +1339,8 @@ class LoopbackKusto:
                     raise _kql_error(exc) from None
                 except Exception as exc:  # noqa: BLE001 - e.g. a DuckDB error: the answer
                     raise KustoRequestError(f"Command failed: {exc}") from None
+                finally:
+                    self._soft_delete_exit(held)
         raise _syntax(f"the loopback does not support this command: {text[:120]!r}")
 
     # tables ------------------------------------------------------------------

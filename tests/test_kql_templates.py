@@ -39,7 +39,7 @@ def test_queries_translate_with_duckdb_kql() -> None:
     tables = {t.name: list(t.column_names) for t in schema.TABLES}
     for name, text in kql.all_templates():
         sql = duckdb_kql.to_sql(text, schema=tables)
-        assert sql.declarations, name
+        assert sql.declarations or "declare" not in text, name
 
 
 def test_limit_must_be_a_validated_integer() -> None:

@@ -339,22 +339,25 @@ def test_every_backend_gets_the_same_defaults_and_a_smaller_bound_stays_valid() 
             "https://c.kusto.windows.net", "db", credential=_FakeCredential(), **options
         ).options
 
-    # an ingest call holds its slot for a round trip (or a busy loop's turn): 16 slots,
-    # and a memory bound that holds them
+    # on Kusto, 6 slots: streaming ingestion's per-core limit (test_kusto_rules.py), and a
+    # memory bound that holds them
     o = opts()
-    assert (o.ingest_concurrency, o.max_buffered_bytes) == (16, 128 * 2**20)
-    assert o.batcher_buffer_bytes == (128 - (4 + 1 + 16) * 4) * 2**20
+    assert (o.ingest_concurrency, o.max_buffered_bytes) == (6, 128 * 2**20)
+    assert o.batcher_buffer_bytes == (128 - (4 + 1 + 6) * 4) * 2**20
     assert opts(ingest_concurrency=2).ingest_concurrency == 2
+    assert opts(ingest_concurrency=16).ingest_concurrency == 16  # named: as asked
     # a smaller bound without the slots named: as many slots as three quarters of it hold
     o = opts(max_buffered_bytes=64 * 2**20)
-    assert (o.ingest_concurrency, o.batcher_buffer_bytes) == (7, 16 * 2**20)
-    assert opts(max_buffered_bytes=32 * 2**20, max_batch_bytes=2**20).ingest_concurrency == 16
+    assert (o.ingest_concurrency, o.batcher_buffer_bytes) == (6, 20 * 2**20)
+    assert opts(max_buffered_bytes=32 * 2**20, max_batch_bytes=2**20).ingest_concurrency == 6
     assert opts(max_buffered_bytes=40 * 2**20).ingest_concurrency == 4  # never under 4
-    # the same for the embedded store, also behind a FaultyBackend
-    for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend()),
-                  FaultyBackend(KustoBackend("https://c.kusto.windows.net", "db", credential=_FakeCredential()))):
+    # the embedded store: an ingest call holds its slot for a busy loop's turn: 16 slots,
+    # also behind a FaultyBackend
+    for local in (EmbeddedBackend(), FaultyBackend(EmbeddedBackend())):
         assert AsyncKustoSaver(local).options == EngineConfig()
         assert AsyncKustoSaver(local, max_buffered_bytes=64 * 2**20).options.ingest_concurrency == 7
+    kusto = FaultyBackend(KustoBackend("https://c.kusto.windows.net", "db", credential=_FakeCredential()))
+    assert AsyncKustoSaver(kusto).options == EngineConfig(ingest_concurrency=6)
 
 
 class _FakeCredential:

@@ -313,3 +313,249 @@ async def test_mapping_not_found_is_retried_for_a_bounded_time_after_provisionin
                 await saver.aput(cfg, empty_checkpoint(), {"step": 2}, {})
                 await saver.flush()
         assert srv.errors == []
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+async def _put_thread(saver: AsyncKustoSaver, thread_id: str, steps: int = 2) -> None:
+    cfg: dict[str, Any] = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    for step in range(steps):
+        c = empty_checkpoint()
+        c["channel_values"] = {"messages": [f"m{i}" for i in range(step + 1)]}
+        version = saver.get_next_version(None, None) if step == 0 else f"{step + 1}"
+        c["channel_versions"] = {"messages": version}
+        cfg = await saver.aput(cfg, c, {"step": step}, {"messages": version})
+        await saver.aput_writes(cfg, [("messages", f"pending {step}")], task_id=f"task{step}")
+
+
+def _cfg(thread_id: str) -> Any:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+
+
+def _saver(srv: LoopbackKusto, **options: Any) -> AsyncKustoSaver:
+    return AsyncKustoSaver.from_connection_string(
+        cluster_uri=srv.uri, database=DB, **{**FAST, "compaction_interval": 0, **options})
+
+
+@pytest.mark.anyio
+async def test_compaction_resumes_from_the_tombstones_table_after_a_restart() -> None:
+    """What was deleted before a restart is compacted after it: pending = tombstones
+    without a 'done' row in Compactions, not a list in one process's memory."""
+    async with LoopbackKusto(database=DB) as srv:
+        await KustoBackend(srv.uri, DB).setup(create=True)
+        async with _saver(srv) as saver:
+            await _put_thread(saver, "gone")
+            await _put_thread(saver, "kept")
+            await saver.adelete_thread("gone")
+            await saver.flush()
+        assert {r["thread_id"] for r in srv.rows("Checkpoints")} == {"gone", "kept"}
+        async with _saver(srv) as saver:  # a new process
+            assert await saver.engine.compact() == 1
+            assert await saver.aget_tuple({"configurable": {"thread_id": "kept"}}) is not None
+        for table in ("Checkpoints", "CheckpointBlobs", "CheckpointWrites"):
+            assert {r["thread_id"] for r in srv.rows(table)} == {"kept"}, table
+        done = [r for r in srv.rows("Compactions") if r["entry"] == "done"]
+        assert [(r["scope"], r["thread_id"]) for r in done] == [("thread", "gone")]
+        async with _saver(srv) as saver:  # and nothing is compacted twice
+            assert await saver.engine.compact() == 0
+        assert len([r for r in srv.requests if r.csl and r.csl.startswith(".delete table")]) == 3
+        assert srv.errors == []
+
+
+def test_the_loopback_refuses_a_second_concurrent_soft_delete_on_a_table() -> None:
+    import threading
+
+    from azure.kusto.data import KustoClient
+    from azure.kusto.data.exceptions import KustoServiceError
+
+    with LoopbackKusto(database=DB) as srv:
+        with KustoClient(srv.kcsb()) as client:
+            client.execute_mgmt(DB, ".create table T (a:string)")
+            client.execute_mgmt(DB, ".create table U (a:string)")
+        srv.soft_delete_seconds = 0.5
+        outcomes: list[str] = []
+
+        def delete(table: str) -> None:
+            with KustoClient(srv.kcsb()) as client:
+                try:
+                    client.execute_mgmt(DB, f'.delete table {table} records <| {table} | where a == "x"')
+                    outcomes.append(f"{table} ok")
+                except KustoServiceError:
+                    outcomes.append(f"{table} refused")
+
+        workers = [threading.Thread(target=delete, args=(t,)) for t in ("T", "T", "U")]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert sorted(outcomes) == ["T ok", "T refused", "U ok"]  # other tables may run in parallel
+        assert srv.soft_delete_refusals == ["T"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_replicas_compact_one_at_a_time_under_a_lease() -> None:
+    """Three replica processes on one database, each deleting threads and ticking its
+    compaction: one soft delete at a time (the loopback refuses a second one on the same
+    table, holding each for 0.3 s), one winner per term, and every deleted thread's rows
+    end up removed whichever replica deleted them."""
+    async with LoopbackKusto(database=DB) as srv:
+        await KustoBackend(srv.uri, DB).setup(create=True)
+        srv.soft_delete_seconds = 0.3
+        options = {"compaction_interval": 3.0, "compaction_lease_settle": 0.3}
+        savers = [_saver(srv, **options) for _ in range(3)]
+        async with savers[0], savers[1], savers[2]:
+            for i, saver in enumerate(savers):
+                await _put_thread(saver, f"gone{i}")
+                await _put_thread(saver, f"kept{i}")
+                await saver.adelete_thread(f"gone{i}")
+                await saver.flush()
+            with anyio.fail_after(60):
+                while len([r for r in srv.rows("Compactions") if r["entry"] == "done"]) < 3:
+                    await anyio.sleep(0.2)
+            failures = [s.engine.stats()["compaction_failures"] for s in savers]
+        assert srv.soft_delete_refusals == [] and failures == [0, 0, 0]
+        for table in ("Checkpoints", "CheckpointBlobs", "CheckpointWrites"):
+            assert {r["thread_id"] for r in srv.rows(table)} == {"kept0", "kept1", "kept2"}, table
+        claims: dict[int, set[str]] = {}
+        for r in srv.rows("Compactions"):
+            if r["entry"] == "lease":
+                claims.setdefault(r["term"], set()).add(r["owner"])
+        done_by = {r["owner"] for r in srv.rows("Compactions") if r["entry"] == "done"}
+        # whoever compacted had the smallest claim of its term
+        assert done_by and all(any(o == min(c) for c in claims.values()) for o in done_by)
+        assert srv.errors == []
+
+
+# --------------------------------------------------------------------------- Microsoft Fabric
+
+
+def test_fabric_is_recognised_by_its_query_uri() -> None:
+    fabric = KustoBackend("https://trd-abc123.z0.kusto.fabric.microsoft.com", "db", credential=IssuingCredential(set()))
+    adx = KustoBackend("https://mycluster.westeurope.kusto.windows.net", "db", credential=IssuingCredential(set()))
+    assert fabric.fabric and not adx.fabric
+
+
+@pytest.mark.anyio
+async def test_on_fabric_provisioning_and_compaction_degrade_with_a_clear_message(caplog: Any) -> None:
+    """Where an Eventhouse refuses an optional command (policies, the dashboards' view) or
+    soft delete, setup() skips it with a warning and compaction stops with an error in the
+    log, instead of failing; reads stay correct through tombstones (docs/kusto.md)."""
+    async with LoopbackKusto(database=DB) as srv:
+        srv.refuse_commands = [r"\.alter(-merge)? table \w+ policy (retention|caching)", r"\.delete "]
+        backend = KustoBackend(srv.uri, DB)
+        backend.fabric = True  # the loopback's host is 127.0.0.1: say what the URI would
+        report = await backend.setup(create=True)
+        assert report.ok
+        skipped = [w for w in report.warnings if "Microsoft Fabric refused" in w]
+        assert len(skipped) == 2 * len(schema.TABLES), report.warnings
+        saver = AsyncKustoSaver(backend, **{**FAST, "compaction_interval": 0})
+        with caplog.at_level("ERROR", logger="langgraph.checkpoint.kusto.compaction"):
+            async with saver:
+                await _put_thread(saver, "gone")
+                await saver.adelete_thread("gone")
+                await saver.flush()
+                assert await saver.engine.compact() == 0
+                assert await saver.aget_tuple({"configurable": {"thread_id": "gone"}}) is None
+                assert await saver.engine.compact() == 0  # off: not tried again
+        assert "Microsoft Fabric refused the soft delete" in caplog.text
+        assert len([r for r in srv.requests if r.csl and r.csl.startswith(".delete ")]) == 1
+        # on Azure Data Explorer the same refusal of a table's command fails setup
+        adx = KustoBackend(srv.uri, DB)
+        with pytest.raises(Exception, match="provision.kql failed"):
+            await adx.setup(create=True)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_timeouts_are_capped_at_the_services_one_hour() -> None:
+    """A request runs at most an hour (https://learn.microsoft.com/kusto/concepts/query-limits,
+    limit on request execution time)."""
+    from langgraph.checkpoint.kusto.engine.errors import ConfigError
+
+    cred = IssuingCredential(set())
+    for name in ("query_timeout", "command_timeout"):
+        assert getattr(KustoBackend("https://c.kusto.windows.net", "db", credential=cred, **{name: 3600}), name) == 3600
+        with pytest.raises(ConfigError, match=f"{name} must be a number of seconds in \\(0, 3600\\]"):
+            KustoBackend("https://c.kusto.windows.net", "db", credential=cred, **{name: 3601})
+    saver = AsyncKustoSaver.from_connection_string("https://c.kusto.windows.net", "db", credential=cred,
+                                                   command_timeout=1800)
+    assert saver.backend.command_timeout == 1800
+
+
+def test_kusto_defaults_to_streaming_ingestions_share_of_a_small_cluster() -> None:
+    """6 concurrent streaming ingestions per core (12 on a 2-core SKU:
+    https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming): a saver's
+    default leaves room for a second replica on the smallest cluster."""
+    saver = AsyncKustoSaver.from_connection_string("https://c.kusto.windows.net", "db",
+                                                   credential=IssuingCredential(set()))
+    assert saver.options.ingest_concurrency == 6 and 2 * 6 <= 12
+
+
+@pytest.mark.anyio
+async def test_throttling_backs_off_for_retry_after_on_every_slot() -> None:
+    """A 429 with Retry-After: no request of any slot reaches the service before it has
+    passed (no retry storm), then everything is ingested."""
+    async with LoopbackKusto(database=DB) as srv:
+        await KustoBackend(srv.uri, DB).setup(create=True)
+        srv.retry_after = "1"
+        async with _saver(srv, ingest_concurrency=4, batch_size=1, max_retries=8) as saver:
+            srv.faults.fail_next(1, status=429, route="ingest")
+            await saver.aput(_cfg("t0"), empty_checkpoint(), {}, {})  # one batch: refused
+            with anyio.fail_after(10):
+                while not any(r.status == 429 for r in srv.requests):
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.1)  # the client has the answer: the other slots must wait too
+            for i in range(1, 4):
+                await saver.aput(_cfg(f"t{i}"), empty_checkpoint(), {}, {})
+            await saver.flush()
+        ingests = [r for r in srv.requests if r.route == "ingest"]
+        [refused] = [r for r in ingests if r.status == 429]
+        later = [r for r in ingests if r.received > refused.received]
+        assert len(later) == 4 and all(r.received - refused.received >= 0.95 for r in later), [
+            round(r.received - refused.received, 3) for r in later]
+        assert len(srv.rows("Checkpoints")) == 4
+        assert srv.errors == []
+
+
+@pytest.mark.anyio
+async def test_throttling_without_retry_after_backs_off_exponentially() -> None:
+    from langgraph.checkpoint.kusto.engine.backends.kusto import _retry_after_seconds
+
+    assert _retry_after_seconds({"Retry-After": "7"}) == 7.0
+    assert _retry_after_seconds({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert _retry_after_seconds({}) is None and _retry_after_seconds({"Retry-After": "soon"}) is None
+    async with LoopbackKusto(database=DB) as srv:
+        await KustoBackend(srv.uri, DB).setup(create=True)
+        backend = KustoBackend(srv.uri, DB)
+        async with AsyncKustoSaver(backend, **{**FAST, "max_retries": 8, "compaction_interval": 0}) as saver:
+            srv.faults.fail_next(3, status=429, route="ingest")
+            await _put_thread(saver, "t", steps=1)
+            await saver.flush()
+            assert backend._throttle_streak == 0  # reset by the success
+        ingests = [r for r in srv.requests if r.route == "ingest"]
+        gaps = [b.received - a.received for a, b in zip(ingests, ingests[1:]) if a.status == 429]
+        assert len(gaps) == 3 and len(srv.rows("Checkpoints")) == 1
+
+
+# --------------------------------------------------------------------------- docs/kusto.md
+
+
+@needs_node
+def test_the_kql_in_docs_kusto_md_parses_and_binds() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "kusto.md").read_text()
+    blocks = re.findall(r"^```kql\n(.*?)^```", text, re.S | re.M)
+    assert len(blocks) >= 3
+    items = [(f"block{i}", b.strip()) for i, b in enumerate(blocks)]
+    result = kql_checker.check_kql(items)
+    for name, block in items:
+        assert not kql_checker.errors(result[name]), kql_checker.format_diagnostics(block, result[name])
+    # the compaction example is what compaction_command writes
+    tombs = [TombstoneRec(schema.SCOPE_THREAD, thread_id='it\'s "x"', deleted_at=1714979289123456),
+             TombstoneRec(schema.SCOPE_RUN, run_id="r1")]
+    assert kql.compaction_command("Checkpoints", tombs)[0] in [b.strip() for b in blocks]
+    assert kql.LEASE_QUERY in [b.strip() for b in blocks]

@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -69,6 +70,15 @@ DEFAULT_MAX_REQUEST_BYTES = _STREAMING_LIMIT - 64 * 1024
 
 _UTC = dt.timezone.utc
 _PROVISION_HINT = "run provision.kql against the database, or call setup(create=True) (needs Database Admin)"
+
+#: the service's longest request (servertimeout): one hour
+MAX_REQUEST_SECONDS = 3600.0
+
+#: streaming ingestion takes "6 concurrent ingestion requests per core" of the cluster
+#: (12 on a 2-core SKU: https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming);
+#: a saver on Kusto sends at most this many batches at once unless told otherwise, half
+#: of the smallest SKU's share, so two replicas fit it (docs/kusto.md: sizing)
+DEFAULT_INGEST_CONCURRENCY = 6
 
 #: the host suffix of a Microsoft Fabric Eventhouse's query URI
 FABRIC_HOST_SUFFIX = ".kusto.fabric.microsoft.com"
@@ -634,6 +644,8 @@ class KustoBackend:
     """
 
     name = "kusto"
+    #: the engine's ingest_concurrency unless the caller sets it (saver/base.py)
+    default_ingest_concurrency = DEFAULT_INGEST_CONCURRENCY
 
     def __init__(
         self,
@@ -659,7 +671,12 @@ class KustoBackend:
 
         if ingest_mode not in INGEST_MODES:
             raise ConfigError(f"ingest_mode must be one of {INGEST_MODES}, got {ingest_mode!r}")
-        for name, value, top in (("query_timeout", query_timeout, 3600.0), ("command_timeout", command_timeout, 86_399.0)):
+        # a request runs at most one hour on the service: "the default timeout is four
+        # minutes for queries and 10 minutes for management commands ... capped at one
+        # hour" (https://learn.microsoft.com/kusto/concepts/query-limits, limit on request
+        # execution time); the SDK waits 30 s longer than servertimeout
+        for name, value, top in (("query_timeout", query_timeout, MAX_REQUEST_SECONDS),
+                                 ("command_timeout", command_timeout, MAX_REQUEST_SECONDS)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= top):
                 raise ConfigError(f"{name} must be a number of seconds in (0, {top:g}], got {value!r}")
         if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1024:
@@ -724,6 +741,9 @@ class KustoBackend:
         self.threads = threads
         self._owns_credential = False
         self._cached_credential: CachedTokenCredential | None = None
+        #: requests wait until then after a 429 (time.monotonic()), whichever slot got it
+        self._throttled_until = 0.0
+        self._throttle_streak = 0
         self._client: Any = None
         self._ingest_client: Any = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -840,7 +860,40 @@ class KustoBackend:
         limiter = self._limiter
         if limiter is None:
             raise PermanentBackendError("the Kusto backend is not open (use the saver inside `with`/`async with`)")
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+        wait = self._throttled_until - time.monotonic()
+        if wait > 0:  # the service said 429: every slot waits, not only the refused one
+            await anyio.sleep(wait)
+        try:
+            result = await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except TransientBackendError as exc:
+            self._note_throttling(exc)
+            raise
+        self._throttle_streak = 0
+        return result
+
+    def _note_throttling(self, exc: TransientBackendError) -> None:
+        """On HTTP 429: hold every request of this backend until the service's Retry-After
+        (when the answer carried one), else for an exponential backoff with full jitter
+        that grows with consecutive throttles (max 30 s); the value also rides on
+        ``exc.retry_after`` for the engine's retry (engine/retry.py). Streaming ingestion
+        is limited per cluster (6 concurrent requests per core:
+        https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming), and 429
+        means back off."""
+        from azure.kusto.data.exceptions import KustoThrottlingError
+
+        cause = exc.__cause__
+        response = getattr(cause, "http_response", None)
+        if response is None and isinstance(cause, KustoThrottlingError) and len(cause.args) > 1:
+            response = cause.args[1]
+        status = getattr(response, "status_code", getattr(response, "status", None))
+        if not isinstance(cause, KustoThrottlingError) and status != 429:
+            return
+        after = _retry_after_seconds(getattr(response, "headers", None))
+        self._throttle_streak += 1
+        if after is None:
+            after = random.uniform(0, min(30.0, 0.5 * 2 ** min(self._throttle_streak, 16)))
+        exc.retry_after = after  # type: ignore[attr-defined]
+        self._throttled_until = max(self._throttled_until, time.monotonic() + after)
 
     # -- queries and commands ---------------------------------------------
 
@@ -1132,6 +1185,29 @@ def latest_view_deletion(kql: str) -> str | None:
     if m is None:
         return None
     return f".delete materialized-view {LATEST_VIEW} records <| {LATEST_VIEW} {m.group(1)}"
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    """Retry-After (delta seconds or an HTTP date, RFC 9110 10.2.3) in seconds, or None."""
+    if headers is None:
+        return None
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    value = str(value).strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_UTC)
+    return max(0.0, (when - dt.datetime.now(_UTC)).total_seconds())
 
 
 def _parse_connection_string(text: str) -> Any:
