@@ -2,9 +2,11 @@
 
 The same text runs on Azure Data Explorer and, through duckdb-kql, on the
 embedded DuckDB store. Every value that comes from a user (thread ids,
-namespaces, checkpoint and run ids) is a declared query parameter; the only
-things formatted into the text are integers the engine validated itself
-(``take`` limits) and parameter *names* it generated (``p0``, ``p1``...).
+namespaces, checkpoint and run ids) is a declared query parameter in a query;
+the only things formatted into a query's text are integers the engine validated
+itself (``take`` limits) and parameter *names* it generated (``p0``, ``p1``...).
+A control command (compaction's soft deletes) carries user values as literals
+written by :func:`literal`, the one function that does so.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ query a child span of the read, and a batch's ingest span links to its puts' spa
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,7 +233,7 @@ class DeleterState:
     ready: list[Any] = field(default_factory=list)
     compacted: int = 0
     #: this engine's name in compaction lease claims (Compactions table)
-    owner: str = field(default_factory=lambda: __import__("uuid").uuid4().hex)
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: why compaction is off for good in this engine (e.g. the service refuses soft delete)
     compaction_off: str | None = None
     #: prune / copy_thread requests being worked on in child tasks, by id: a crash

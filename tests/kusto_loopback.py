@@ -69,6 +69,14 @@ Supported
 * Kusto's value-size rules, on every ingestion path: a string cell longer than 1 MB
   (``max_value_bytes``, UTF-8) is silently cut to 1 MB, a dynamic cell over 1 MB is
   silently stored as null.
+* Kusto's rules that tests/test_kusto_rules.py proves the saver follows: a second soft
+  delete on a table while one runs is refused (``soft_delete_seconds`` holds the table);
+  a new mapping is unknown to streaming ingestion until the schema cache is cleared
+  (``schema_cache_seconds``); 429 answers carry ``retry_after``; ``tls=True`` serves
+  https and ``bearer_tokens`` demands a token; ``refuse_commands`` refuses matching
+  commands as a service that does not offer them (Microsoft Fabric, where it differs).
+  A soft delete's predicate may carry its values as string literals (read with Kusto's
+  escapes, :func:`read_literal`).
 * Fault injection (``server.faults``: ``fail_next``, ``delay_next``, ``drop_next``; with
   ``after=True`` the request is carried out first, so a retry stores its rows twice), request
   counters per route (``server.counts``) and a log of every request (``server.requests``,

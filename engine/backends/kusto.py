@@ -1266,6 +1266,7 @@ def _rows(table: Any, *, dynamic_as_text: bool) -> list[dict[str, Any]]:
 
 __all__ = [
     "INGEST_MODES",
+    "CachedTokenCredential",
     "KustoBackend",
     "SchemaError",
     "SchemaReport",
