@@ -363,6 +363,27 @@ async def test_compaction_resumes_from_the_tombstones_table_after_a_restart() ->
         assert srv.errors == []
 
 
+@pytest.mark.anyio
+async def test_compaction_goes_in_batches_one_table_at_a_time() -> None:
+    async with LoopbackKusto(database=DB) as srv:
+        await KustoBackend(srv.uri, DB).setup(create=True)
+        srv.soft_delete_seconds = 0.05  # a second soft delete on a table meanwhile is refused
+        async with _saver(srv, compaction_batch=2) as saver:
+            for i in range(5):
+                await _put_thread(saver, f"gone{i}", steps=1)
+            await _put_thread(saver, "kept", steps=1)
+            await saver.engine.delete_threads([f"gone{i}" for i in range(5)])
+            await saver.flush()
+            assert await saver.engine.compact() == 5
+        deletes = [r.csl for r in srv.requests if r.csl and r.csl.startswith(".delete ")]
+        # 3 batches (2, 2, 1) x (Checkpoints, its view, CheckpointWrites, CheckpointBlobs)
+        assert len(deletes) == 12 and srv.soft_delete_refusals == []
+        assert [d.count(" or ") + 1 for d in deletes if d.startswith(".delete table Checkpoints")] == [2, 2, 1]
+        for table in ("Checkpoints", "CheckpointBlobs", "CheckpointWrites"):
+            assert {r["thread_id"] for r in srv.rows(table)} == {"kept"}, table
+        assert srv.errors == []
+
+
 def test_the_loopback_refuses_a_second_concurrent_soft_delete_on_a_table() -> None:
     import threading
 

@@ -293,10 +293,11 @@ class Deleter(Actor):
         batch_size = rt.config.compaction_batch
         done_here: set[tuple[Any, ...]] = set()
         while True:
-            rows = await backend.query(kql.pending_tombstones_query(batch_size), {})
-            batch = [_tombstone(r) for r in rows]
-            batch = [t for t in batch if _key(t) not in done_here]
-            if not batch:  # nothing left, or 'done' rows not queryable yet (queued ingestion)
+            # 'done' rows written in this pass may not be queryable yet (queued ingestion):
+            # ask for as many more as were done here, and skip those
+            rows = await backend.query(kql.pending_tombstones_query(batch_size + len(done_here)), {})
+            batch = [t for t in map(_tombstone, rows) if _key(t) not in done_here][:batch_size]
+            if not batch:
                 break
             for table in (CHECKPOINTS.name, WRITES.name, BLOBS.name):
                 text, params = kql.compaction_command(table, batch)
@@ -320,8 +321,6 @@ class Deleter(Actor):
             )
             done_here.update(_key(t) for t in batch)
             st.compacted += len(batch)
-            if len(rows) < batch_size:
-                break
         # this engine's own tombstones: compacted once ingested, by whichever process
         st.pending = [(tombs, ingested) for tombs, ingested in st.pending if not ingested.done]
         st.ready = []
