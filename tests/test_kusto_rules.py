@@ -424,7 +424,9 @@ async def test_replicas_compact_one_at_a_time_under_a_lease() -> None:
     async with LoopbackKusto(database=DB) as srv:
         await KustoBackend(srv.uri, DB).setup(create=True)
         srv.soft_delete_seconds = 0.3
-        options = {"compaction_interval": 3.0, "compaction_lease_settle": 0.3}
+        # batches of one: a pass (3 batches x 4 soft deletes x 0.3 s) outlasts half the
+        # interval, so the winner's lease renewals are what keeps the others out
+        options = {"compaction_interval": 3.0, "compaction_lease_settle": 0.3, "compaction_batch": 1}
         savers = [_saver(srv, **options) for _ in range(3)]
         async with savers[0], savers[1], savers[2]:
             for i, saver in enumerate(savers):

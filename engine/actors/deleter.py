@@ -251,9 +251,12 @@ class Deleter(Actor):
         try:
             if self.state.compaction_off is not None:
                 return
-            if leased and not await self._take_lease():
-                return
-            await self._compact_pass()
+            term = None
+            if leased:
+                term = await self._take_lease()
+                if term is None:
+                    return
+            await self._compact_pass(term)
         except CompactionUnsupported as exc:
             self.state.compaction_off = str(exc)
             log.error("%s", exc)
@@ -267,11 +270,12 @@ class Deleter(Actor):
         finally:
             self._compacting = False
 
-    async def _take_lease(self) -> bool:
-        """Claim this term's compaction; True if this engine won it. A claim of the last
-        half interval (this term's, or the previous term's late one) means another
-        process compacts or just did. Claims that race are all visible after
-        ``compaction_lease_settle``, and everyone picks the same winner."""
+    async def _take_lease(self) -> int | None:
+        """Claim this term's compaction; the term if this engine won it, else None. A
+        claim of the last half interval (this term's, the previous term's late one, or
+        a long pass's renewal) means another process compacts or just did. Claims that
+        race are all visible after ``compaction_lease_settle``, and everyone picks the
+        same winner."""
         rt = self.runtime
         cfg = rt.config
         now = now_us()
@@ -279,14 +283,17 @@ class Deleter(Actor):
         term = now // span
         since = {"since": us_to_datetime(now - span // 2)}
         if await rt.backend.query(kql.LEASE_QUERY, since):
-            return False
+            return None
         me = self.state.owner
         await rt.backend.ingest(COMPACTIONS.name, [_compaction_row(COMPACTION_LEASE, me, term, None, now)])
         await anyio.sleep(cfg.compaction_lease_settle)
         owners = [r["owner"] for r in await rt.backend.query(kql.LEASE_QUERY, since) if r["term"] == term]
-        return bool(owners) and min(owners) == me
+        return term if owners and min(owners) == me else None
 
-    async def _compact_pass(self) -> None:
+    async def _compact_pass(self, term: int | None = None) -> None:
+        """Compact every pending tombstone, a batch at a time. ``term``: the lease this
+        pass holds; it is renewed before each further batch, so a pass longer than half
+        the interval keeps other processes out."""
         rt = self.runtime
         st = self.state
         backend = rt.backend
@@ -299,6 +306,8 @@ class Deleter(Actor):
             batch = [t for t in map(_tombstone, rows) if _key(t) not in done_here][:batch_size]
             if not batch:
                 break
+            if term is not None and done_here:
+                await backend.ingest(COMPACTIONS.name, [_compaction_row(COMPACTION_LEASE, st.owner, term, None, now_us())])
             for table in (CHECKPOINTS.name, WRITES.name, BLOBS.name):
                 text, params = kql.compaction_command(table, batch)
                 if not text:

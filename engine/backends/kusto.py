@@ -1094,7 +1094,9 @@ class KustoBackend:
     def _schema_cache_catching_up(self, exc: PermanentBackendError) -> bool:
         """A streaming ingest refused for a missing mapping within ``schema_cache_grace``
         seconds of provisioning: the nodes' schema cache, not the database, is behind."""
-        if self._provisioned_at is None or time.monotonic() - self._provisioned_at > self.schema_cache_grace:
+        if self.ingest_mode not in ("streaming", "managed") or self._provisioned_at is None:
+            return False
+        if time.monotonic() - self._provisioned_at > self.schema_cache_grace:
             return False
         cause = exc.__cause__
         low = (_describe(cause) if cause is not None else str(exc)).lower()
