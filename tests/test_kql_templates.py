@@ -24,6 +24,9 @@ def _texts() -> list[tuple[str, str]]:
         # each back through Kusto.Language)
         assert params == {} and kql.literal(tombs[0].thread_id) in text
         out.append((f"compact_{t.name}", text))
+    from langgraph.checkpoint.kusto.engine.backends.kusto import CLEAR_STREAMING_SCHEMA_CACHE
+
+    out.append(("clear_streaming_schema_cache", CLEAR_STREAMING_SCHEMA_CACHE))  # after provisioning
     return out
 
 
