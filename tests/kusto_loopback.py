@@ -107,6 +107,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler
@@ -308,7 +309,7 @@ class LoggedRequest:
     fault: str | None = None
     delayed: float = 0.0
     #: time.monotonic() when it arrived
-    received: float = dataclasses.field(default_factory=lambda: __import__("time").monotonic())
+    received: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def csl(self) -> str | None:
@@ -1138,13 +1139,9 @@ class LoopbackKusto:
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
 
     def _schema_changed(self, table: str) -> None:
-        import time
-
         self._schema_changes[table] = time.monotonic()
 
     def _refuse_stale_mapping(self, table: str, mapping_name: str | None) -> None:
-        import time
-
         changed = self._schema_changes.get(table)
         if (mapping_name and changed is not None
                 and time.monotonic() - changed < self.schema_cache_seconds):
