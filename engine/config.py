@@ -104,10 +104,19 @@ class EngineConfig:
     supervision: str = "one_for_one"
     max_restarts: int = 5
     restart_window: float = 10.0
-    #: tombstoned rows are compacted physically in batches of this many deletions
+    #: tombstoned rows are compacted physically in batches of this many deletions (one
+    #: soft delete per table per batch)
     compaction_batch: int = 100
-    #: seconds between compaction passes (0 disables physical compaction)
-    compaction_interval: float = 30.0
+    #: seconds between compaction passes, per database (0 disables physical compaction).
+    #: Kusto's soft delete is for occasional use and never in parallel on one table
+    #: (https://learn.microsoft.com/kusto/concepts/data-soft-delete): every process ticks
+    #: this often, and a lease in the Compactions table lets one of them compact per
+    #: interval; tombstones keep reads correct meanwhile (docs/kusto.md)
+    compaction_interval: float = 3600.0
+    #: seconds a process waits after claiming the compaction lease before reading the
+    #: claims back; longer than a claim takes to become queryable (streaming ingestion:
+    #: about a second; raise it with queued ingestion)
+    compaction_lease_settle: float = 15.0
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -150,7 +159,7 @@ class EngineConfig:
         non_negative_int("max_retries")
         for name in ("flush_interval", "retry_backoff", "retry_backoff_max", "restart_window"):
             positive_number(name)
-        for name in ("cache_ttl", "visibility_delay", "compaction_interval"):
+        for name in ("cache_ttl", "visibility_delay", "compaction_interval", "compaction_lease_settle"):
             positive_number(name, allow_zero=True)
         if self.put_timeout is not None:
             positive_number("put_timeout")

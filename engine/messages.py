@@ -10,6 +10,7 @@ query a child span of the read, and a batch's ingest span links to its puts' spa
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,6 +242,10 @@ class DeleterState:
     #: tombstones ingested, to compact physically
     ready: list[Any] = field(default_factory=list)
     compacted: int = 0
+    #: this engine's name in compaction lease claims (Compactions table)
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: why compaction is off for good in this engine (e.g. the service refuses soft delete)
+    compaction_off: str | None = None
     #: prune / copy_thread requests being worked on in child tasks, by id: a crash
     #: cancels those tasks, and the next incarnation starts them again
     running: dict[int, Any] = field(default_factory=dict)

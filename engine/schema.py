@@ -131,7 +131,36 @@ TOMBSTONES = Table(
     ),
 )
 
-TABLES: tuple[Table, ...] = (CHECKPOINTS, BLOBS, WRITES, TOMBSTONES)
+COMPACTIONS = Table(
+    name="Compactions",
+    columns=(
+        ("entry", STRING),
+        ("term", LONG),
+        ("owner", STRING),
+        ("scope", STRING),
+        ("thread_id", STRING),
+        ("checkpoint_ns", STRING),
+        ("checkpoint_id", STRING),
+        ("run_id", STRING),
+        ("deleted_at", DATETIME),
+        ("written_at", DATETIME),
+    ),
+    key=("entry", "term", "owner", "scope", "thread_id", "checkpoint_ns", "checkpoint_id", "run_id", "deleted_at"),
+    time_column="written_at",
+    doc=(
+        "Compaction's durable record, shared by every process on the database. entry "
+        "'done': the tombstone (scope .. deleted_at) has been compacted (its covered rows "
+        "soft-deleted from every table); pending = Tombstones without a 'done' row, so a "
+        "restart resumes where compaction stopped. entry 'lease': owner's claim to compact "
+        "in term (epoch seconds // compaction_interval); the smallest owner among a term's "
+        "claims compacts, one process per database at a time."
+    ),
+)
+
+COMPACTION_DONE = "done"
+COMPACTION_LEASE = "lease"
+
+TABLES: tuple[Table, ...] = (CHECKPOINTS, BLOBS, WRITES, TOMBSTONES, COMPACTIONS)
 TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 #: The materialized view of the latest checkpoint per (thread_id, checkpoint_ns).

@@ -360,6 +360,7 @@ async def run_load(seconds: float, agents: int, steps: int) -> tuple[Store, dict
         retry_backoff=0.02,
         retry_backoff_max=0.2,
         compaction_interval=5.0,
+        compaction_lease_settle=0.5,  # one process: the lease is settled at once
     )
     store = Store()
     events: dict[str, float] = {}

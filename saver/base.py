@@ -63,6 +63,12 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         """``meter_provider`` / ``tracer_provider``: OpenTelemetry providers to report to
         (default: the global ones, i.e. the host's SDK, or no-op without one)."""
         super().__init__(serde=serde)
+        slots = getattr(backend, "default_ingest_concurrency", None)
+        if isinstance(slots, int) and "ingest_concurrency" not in options:
+            # a backend whose service limits concurrent ingestion (Kusto's streaming
+            # ingestion) lowers the default; a smaller memory bound may lower it further
+            fitted = EngineConfig.from_options(**options).ingest_concurrency
+            options = {**options, "ingest_concurrency": min(slots, fitted)}
         self.options = EngineConfig.from_options(backend, **options)
         cap = getattr(backend, "max_value_size", None)
         if cap is not None and self.options.cell_limit > cap:
@@ -315,6 +321,7 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         credential: Any = None,
         ingest_mode: str = "streaming",
         query_timeout: float = 60.0,
+        command_timeout: float = 600.0,
         ingest_uri: str | None = None,
         serde: SerializerProtocol | None = None,
         **engine_options: Any,
@@ -325,13 +332,16 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         a KustoConnectionStringBuilder or a connection string; an ``http://`` cluster URI
         (a local endpoint) connects without authentication. ``ingest_mode``: "streaming"
         (default), "managed", "queued" or "inline" (the Kusto emulator). Other keywords
-        are engine options (:class:`EngineConfig`). See :class:`KustoBackend`.
+        are engine options (:class:`EngineConfig`); ``ingest_concurrency`` defaults to
+        6 on Kusto (streaming ingestion's per-core limit, docs/kusto.md).
+        ``query_timeout`` / ``command_timeout``: seconds, at most 3600 (the service's
+        longest request). See :class:`KustoBackend`.
         """
         from .engine.backends.kusto import KustoBackend
 
         backend = KustoBackend(
             cluster_uri, database, credential=credential, ingest_mode=ingest_mode,
-            query_timeout=query_timeout, ingest_uri=ingest_uri,
+            query_timeout=query_timeout, command_timeout=command_timeout, ingest_uri=ingest_uri,
         )
         if ingest_mode in ("managed", "queued"):
             # queued rows become queryable only when their batch seals (provision.kql: 30 s);

@@ -245,3 +245,24 @@ def format_diagnostics(text: str, diagnostics: list[Diagnostic]) -> str:
             where = f" at {start} ({snippet!r})"
         out.append(f"{d['severity']} {d.get('code')}{where}: {d['message']}")
     return "\n".join(out)
+
+
+def string_literals(items: list[tuple[str, str]], *, timeout: float = 300.0) -> dict[str, tuple[list[Diagnostic], list[str]]]:
+    """Parse each ``(name, text)`` with Kusto.Language and read back the value of every
+    string literal in it, as the parser decodes it (``LiteralValue``). Returns
+    ``{name: (diagnostics, [value, ...])}``."""
+    if not node_available():
+        raise RuntimeError(NODE_MISSING_REASON)
+    payload = {
+        "database": "db",
+        "tables": {t: [list(c) for c in cols] for t, cols in default_tables().items()},
+        "literals": True,
+        "items": [{"name": name, "text": text} for name, text in items],
+    }
+    proc = subprocess.run(
+        ["node", str(CHECK_JS)], input=json.dumps(payload), capture_output=True, text=True,
+        encoding="utf-8", timeout=timeout, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"kqlcheck failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return {r["name"]: (r["diagnostics"], r.get("literals", [])) for r in json.loads(proc.stdout)}

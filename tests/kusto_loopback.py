@@ -50,7 +50,8 @@ Supported
           <| [declare query_parameters(...);] T | where ... (where/extend/project only)
       .execute database script [with (ContinueOnErrors=true)] <| one command per line
           starting with '.' (answers Completed/Failed/Skipped per command, like Kusto)
-      .clear cache streaming ingestion schema         (no-op)
+      .clear database|table T cache streamingingestion schema
+          (ends the emulated schema-cache delay: ``schema_cache_seconds``)
       .get ingestion resources | .get kusto identity token
           (refused unless queued ingestion is enabled: see below)
       .ingest inline into table T [with (format=json|multijson|singlejson,
@@ -69,6 +70,14 @@ Supported
 * Kusto's value-size rules, on every ingestion path: a string cell longer than 1 MB
   (``max_value_bytes``, UTF-8) is silently cut to 1 MB, a dynamic cell over 1 MB is
   silently stored as null.
+* Kusto's rules that tests/test_kusto_rules.py proves the saver follows: a second soft
+  delete on a table while one runs is refused (``soft_delete_seconds`` holds the table);
+  a new mapping is unknown to streaming ingestion until the schema cache is cleared
+  (``schema_cache_seconds``); 429 answers carry ``retry_after``; ``tls=True`` serves
+  https and ``bearer_tokens`` demands a token; ``refuse_commands`` refuses matching
+  commands as a service that does not offer them (Microsoft Fabric, where it differs).
+  A soft delete's predicate may carry its values as string literals (read with Kusto's
+  escapes, :func:`read_literal`).
 * Fault injection (``server.faults``: ``fail_next``, ``delay_next``, ``drop_next``; with
   ``after=True`` the request is carried out first, so a retry stores its rows twice), request
   counters per route (``server.counts``) and a log of every request (``server.requests``,
@@ -83,8 +92,10 @@ Supported
 
 Not supported
 -------------
-Authentication (none is checked), queued ingestion without Azurite, ingestion from blob URLs
-on the streaming route,
+Authentication (none is checked, unless ``bearer_tokens`` names the tokens to accept:
+then a request without one is refused with 401; ``tls=True`` serves https with a
+self-signed certificate, PEM at ``ca_file``), queued ingestion without Azurite, ingestion
+from blob URLs on the streaming route,
 CSV/Avro/Parquet ingestion, update policies, ``materialized_view()``, progressive/streaming
 v2 responses, ``.show operations``, extents, purge, functions, and retention/caching policies
 having any effect. DuckDB folds identifier case, so two tables differing only in case
@@ -104,6 +115,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler
@@ -329,6 +341,8 @@ class LoggedRequest:
     #: the fault applied, if any ("fail", "drop"; "delay" is kept in ``delayed``)
     fault: str | None = None
     delayed: float = 0.0
+    #: time.monotonic() when it arrived
+    received: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def csl(self) -> str | None:
@@ -695,6 +709,31 @@ def _statement_split(predicate: str) -> tuple[str, str]:
     raise _syntax("declare query_parameters(...) must end with ';'")
 
 
+def _literals_as_parameters(body: str) -> tuple[str, dict[str, str]]:
+    """A soft delete's predicate with every string literal (``"..."``, ``'...'``,
+    ``@"..."``, ``h"..."``) replaced by a generated parameter holding the value Kusto reads
+    (:func:`read_literal`, C# escapes as Kusto.Language decodes them): duckdb-kql splices a
+    literal's text into SQL as is, which would not read escapes such as ``\\u0000``. A
+    literal is where the one literal function puts user values in a control command
+    (Microsoft documents the predicate as a plain query:
+    https://learn.microsoft.com/kusto/management/soft-delete-command)."""
+    out: list[str] = []
+    values: dict[str, str] = {}
+    pos = 0
+    start = re.compile(r"(?<![\w.])(?:[hH]?@?)(?=['\"])")
+    while True:
+        m = start.search(body, pos)
+        if m is None:
+            out.append(body[pos:])
+            break
+        value, end = read_literal(body, m.start())
+        name = f"__loopback_lit{len(values)}"
+        values[name] = value
+        out.append(body[pos:m.start()] + name)
+        pos = end
+    return "".join(out), values
+
+
 # ---------------------------------------------------------------------------
 # JSON ingestion mappings
 # ---------------------------------------------------------------------------
@@ -891,6 +930,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
+        for name, value in self.owner._extra_headers(status):
+            self.send_header(name, value)
         self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -916,6 +957,11 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 pass  # answered below, unless a fault comes first
         owner._count(route, entry)
+        refusal = owner._refuse_unauthenticated(self.headers)
+        if refusal is not None:
+            entry.status = refusal[0]
+            self._send(*refusal)
+            return
         delay, outcome = owner.faults._take(route)
         if delay is not None:
             entry.delayed = delay.seconds
@@ -992,7 +1038,8 @@ class LoopbackKusto:
                  max_value_bytes: int = MAX_VALUE_BYTES,
                  max_streaming_bytes: int = MAX_STREAMING_BYTES,
                  max_result_records: int = MAX_RESULT_RECORDS,
-                 max_result_bytes: int = MAX_RESULT_BYTES) -> None:
+                 max_result_bytes: int = MAX_RESULT_BYTES, tls: bool = False,
+                 bearer_tokens: Any = None, schema_cache_seconds: float = 0.0) -> None:
         if not re.fullmatch(r"[A-Za-z_][\w-]*", database):
             raise ValueError(f"unsupported database name {database!r}")
         self.database = database
@@ -1017,6 +1064,7 @@ class LoopbackKusto:
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._rules_init(tls=tls, bearer_tokens=bearer_tokens, schema_cache_seconds=schema_cache_seconds)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -1028,6 +1076,7 @@ class LoopbackKusto:
         con.execute(f"USE {quote_ident(self.database)}")
         self.con = con
         self._httpd = _HTTPServer(self, con)
+        self._rules_start(self._httpd)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
             name=f"kusto-loopback:{self._httpd.server_address[1]}", daemon=True)
@@ -1072,13 +1121,145 @@ class LoopbackKusto:
 
         await anyio.to_thread.run_sync(self.stop)
 
+    # -- TLS and bearer tokens (tests/test_kusto_rules.py) ---------------------
+
+    def _rules_init(self, *, tls: bool, bearer_tokens: Any, schema_cache_seconds: float) -> None:
+        #: streaming ingestion's schema cache: for this many seconds after a mapping is
+        #: created or altered, a streaming ingest that names it is refused as Kusto refuses
+        #: an unknown mapping, unless '.clear database|table cache streamingingestion
+        #: schema' ran since ("Schema updates, such as creation and modification of tables
+        #: and ingestion mappings, may take up to 5 minutes for the streaming ingestion
+        #: service": https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming;
+        #: https://learn.microsoft.com/kusto/management/data-ingestion/streaming-ingestion-schema-changes)
+        self.schema_cache_seconds = schema_cache_seconds
+        #: the next N cache-clearing commands answer Status=Failed for one node
+        self.schema_cache_clear_failures = 0
+        self._schema_changes: dict[str, float] = {}
+        #: a soft delete holds its table this long after it ran (the extents replacement
+        #: phase); a second soft delete on the same table meanwhile is refused: "Don't run
+        #: multiple parallel soft delete operations on the same table, as this may result
+        #: in failures of some or all the commands"
+        #: (https://learn.microsoft.com/kusto/concepts/data-soft-delete). Each refusal is
+        #: kept in ``soft_delete_refusals``
+        #: regular expressions: a command matching one is refused (400, permanent), as a
+        #: service that does not offer it answers (e.g. a Microsoft Fabric Eventhouse)
+        self.refuse_commands: list[str] = []
+        #: the Retry-After header sent with every 429 answer (seconds, or an HTTP date);
+        #: None sends none
+        self.retry_after: str | None = None
+        self.soft_delete_seconds = 0.0
+        self.soft_delete_refusals: list[str] = []
+        self._deleting: set[tuple[str, str]] = set()
+        #: serve https with a self-signed certificate for 127.0.0.1 (``ca_file`` is its
+        #: PEM: hand it to the client, e.g. REQUESTS_CA_BUNDLE), so a client that sends
+        #: tokens only over https can be tested as in production
+        self.tls = tls
+        self.ca_file: str | None = None
+        #: when a collection: every request must carry ``Authorization: Bearer <token>``
+        #: with a token in it (checked at request time, so a test may add tokens as its
+        #: credential issues them), else 401 as Kusto answers an unauthenticated request
+        self.bearer_tokens = bearer_tokens
+        #: the Authorization header of every request, in order
+        self.authorizations: list[str | None] = []
+
+    def _rules_start(self, httpd: Any) -> None:
+        if not self.tls:
+            return
+        import ssl
+        import tempfile
+
+        cert, key = _self_signed_certificate("127.0.0.1")
+        folder = tempfile.mkdtemp(prefix="kusto-loopback-tls-")
+        self.ca_file = f"{folder}/cert.pem"
+        with open(self.ca_file, "wb") as f:
+            f.write(cert)
+        with open(f"{folder}/key.pem", "wb") as f:
+            f.write(key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.ca_file, f"{folder}/key.pem")
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+
+    def _schema_changed(self, table: str) -> None:
+        self._schema_changes[table] = time.monotonic()
+
+    def _refuse_stale_mapping(self, table: str, mapping_name: str | None) -> None:
+        changed = self._schema_changes.get(table)
+        if (mapping_name and changed is not None
+                and time.monotonic() - changed < self.schema_cache_seconds):
+            raise KustoRequestError(
+                f"Mapping reference '{mapping_name}' of type 'Json' in table '{table}' of "
+                f"database '{self.database}' wasn't found.",
+                code="BadRequest_MappingReferenceWasNotFound",
+                kind="Kusto.Data.Exceptions.EntityNotFoundException")
+
+    def _cmd_clear_schema_cache(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        table = m.group("table")
+        if table is not None:
+            self._require_table(_unname(table))
+        if self.schema_cache_clear_failures > 0:
+            self.schema_cache_clear_failures -= 1
+            return _v1([("NodeId", "string"), ("Status", "string")],
+                       [["Node1", "Succeeded"], ["Node2", "Failed"]])
+        if table is None:
+            self._schema_changes.clear()
+        else:
+            self._schema_changes.pop(_unname(table), None)
+        return _v1([("NodeId", "string"), ("Status", "string")], [["Node1", "Succeeded"]])
+
+    def _extra_headers(self, status: int) -> list[tuple[str, str]]:
+        if status == 429 and self.retry_after is not None:
+            return [("Retry-After", self.retry_after)]
+        return []
+
+    def _refuse_listed_command(self, text: str) -> None:
+        for pattern in self.refuse_commands:
+            if re.match(pattern, text, re.I | re.S):
+                raise KustoRequestError(f"The command is not supported by this service: {text[:60]!r}",
+                                        code="BadRequest_CommandNotSupported")
+
+    def _soft_delete_enter(self, handler: Any, m: re.Match[str]) -> tuple[str, str] | None:
+        if handler is not LoopbackKusto._cmd_delete_records:
+            return None
+        key = (m.group("kind").lower(), _unname(m.group("table")))
+        with self._log_lock:
+            if key in self._deleting:
+                self.soft_delete_refusals.append(key[1])
+                raise KustoRequestError(
+                    f"Soft delete failed: another soft delete is running on {key[0]} '{key[1]}'; "
+                    "parallel soft deletes on one table are not supported",
+                    code="General_BadRequest", status=409, permanent=False)
+            self._deleting.add(key)
+        return key
+
+    def _soft_delete_exit(self, key: tuple[str, str] | None) -> None:
+        if key is None:
+            return
+        if self.soft_delete_seconds:
+            self._stopping.wait(self.soft_delete_seconds)
+        with self._log_lock:
+            self._deleting.discard(key)
+
+    def _refuse_unauthenticated(self, headers: Any) -> tuple[int, Any] | None:
+        header = headers.get("Authorization")
+        with self._log_lock:
+            self.authorizations.append(header)
+        if self.bearer_tokens is None:
+            return None
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() == "bearer" and token in self.bearer_tokens:
+            return None
+        return 401, error_body("Unauthorized: the request has no valid bearer token",
+                               code="Unauthorized", kind="Kusto.Common.Svc.Exceptions.UnauthorizedException",
+                               permanent=True)
+
     # -- conveniences for tests -----------------------------------------------
 
     @property
     def uri(self) -> str:
         if self._httpd is None:
             raise RuntimeError("not started")
-        return self._httpd.url
+        url = self._httpd.url
+        return "https://" + url.partition("://")[2] if self.tls else url
 
     def kcsb(self) -> Any:
         """``KustoConnectionStringBuilder.with_no_authentication(uri)``, default db set."""
@@ -1224,9 +1405,11 @@ class LoopbackKusto:
 
     def _command(self, text: str, parameters: Any = None) -> dict[str, Any]:
         text = text.strip().rstrip(";").strip()
+        self._refuse_listed_command(text)
         for pattern, handler in _COMMANDS:
             m = pattern.match(text)
             if m:
+                held = self._soft_delete_enter(handler, m)
                 try:
                     with self._lock:  # one command at a time, like a database's admin queue
                         return handler(self, m, parameters)
@@ -1236,6 +1419,8 @@ class LoopbackKusto:
                     raise _kql_error(exc) from None
                 except Exception as exc:  # noqa: BLE001 - e.g. a DuckDB error: the answer
                     raise KustoRequestError(f"Command failed: {exc}") from None
+                finally:
+                    self._soft_delete_exit(held)
         raise _syntax(f"the loopback does not support this command: {text[:120]!r}")
 
     # tables ------------------------------------------------------------------
@@ -1371,6 +1556,7 @@ class LoopbackKusto:
         if verb == "alter" and not exists:
             raise _not_found("IngestionMapping", name)
         self.mappings[(table, name)] = (kind, body)
+        self._schema_changed(table)
         return self._mappings_result([(table, name)])
 
     def _cmd_drop_mapping(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
@@ -1522,6 +1708,10 @@ class LoopbackKusto:
         if not view:
             self._require_table(table)
         declaration, body = _statement_split(predicate)
+        body, literals = _literals_as_parameters(body)
+        if literals:
+            declaration = (f"declare query_parameters({', '.join(f'{n}:string' for n in literals)});"
+                           f"{declaration}")
         head = re.match(rf"\s*({_NAME})\s*(?=\||$)", body)
         if head is None or _unname(head.group(1)) != table:
             raise KustoRequestError(
@@ -1543,6 +1733,7 @@ class LoopbackKusto:
                              f"{rowid} AS __loopback_rowid FROM {quote_ident(table)}")
             try:
                 decoded = decode_parameters(query, parameters, strict=self.strict_parameters)
+                decoded.update(literals)
                 sql = duckdb_kql.to_sql(query, schema=_duck_schema(self.con), parameters=decoded)
                 if sql.unbound:
                     raise KqlSchemaError(", ".join(sql.unbound),
@@ -1629,6 +1820,7 @@ class LoopbackKusto:
                 f"Stream ingestion failed: the request carries {len(data)} bytes of data, over "
                 f"the streaming ingestion limit of {self.max_streaming_bytes} bytes; use queued "
                 "ingestion for larger data", code="BadRequest_StreamingIngestionDataTooLarge")
+        self._refuse_stale_mapping(table, query.get("mappingname"))
         count = self._store(table, columns, _json_documents(text, fmt), query.get("mappingname"))
         return 200, _v1([("ConsumedRecordsCount", "long"), ("UpdatePolicyStatus", "string"),
                          ("UpdatePolicyFailureCode", "string"),
@@ -1699,6 +1891,30 @@ class LoopbackKusto:
         if scale and isinstance(value, (int, float)) and not isinstance(value, bool):
             return dt.datetime(1970, 1, 1) + dt.timedelta(seconds=value / scale)
         return _to_column(value, kind)
+
+
+def _self_signed_certificate(host: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate (PEM) for an IP address, and its key (PEM)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
 
 
 _POLICY_NAMES = {"streamingingestion": "StreamingIngestion", "retention": "Retention",
@@ -1775,8 +1991,8 @@ _COMMANDS: list[tuple[re.Pattern[str], Any]] = [
     (_rx(r"\.get\s+kusto\s+identity\s+token$"), LoopbackKusto._cmd_identity_token),
     (_rx(r"\.ingest\s+inline\s+into\s+table\s+(?P<table>NAME)(?:WITH)?\s*<\|(?P<data>.*)$"),
      LoopbackKusto._cmd_ingest_inline),
-    (_rx(r"\.clear\s+cache\s+streaming\s+ingestion\s+schema$"),
-     lambda self, m, p: _v1([("NodeId", "string"), ("Status", "string")], [])),
+    (_rx(r"\.clear\s+(?:database|table\s+(?P<table>NAME))\s+cache\s+streamingingestion\s+schema$"),
+     LoopbackKusto._cmd_clear_schema_cache),
     (_rx(r"\.execute\s+database\s+script(?:WITH)?\s*<\|(?P<script>.+)$"),
      LoopbackKusto._cmd_script),
 ]

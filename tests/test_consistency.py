@@ -195,7 +195,7 @@ async def test_a_checkpoint_missing_a_deleted_value_is_not_returned_by_kusto(any
 
 
 def _fork_query() -> str:
-    blocks = re.findall(r"```kusto\n(.*?)```", DOCS.read_text(), re.S)
+    blocks = re.findall(r"```kql\n(.*?)```", DOCS.read_text(), re.S)
     assert blocks, f"{DOCS} shows how to find forked threads"
     return blocks[0]
 

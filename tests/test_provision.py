@@ -30,7 +30,7 @@ schema = kql_checker.load_schema()
 
 needs_node = pytest.mark.skipif(not node_available(), reason=kql_checker.NODE_MISSING_REASON)
 
-DATA_TABLES = [t.name for t in schema.TABLES if t.name != schema.TOMBSTONES.name]
+DATA_TABLES = [t.name for t in schema.TABLES if t.name not in (schema.TOMBSTONES.name, schema.COMPACTIONS.name)]
 
 
 # --------------------------------------------------------------------------- parsing helpers

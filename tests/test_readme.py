@@ -8,7 +8,7 @@ and its calls to ``from_connection_string`` are checked against the real
 signature. In both, every name a block uses is defined in the block (or is a
 builtin). A ```` ```bash ```` block must parse (``bash -n``), and every load-tool
 command in it must parse with the tool's own argument parser. A
-```` ```text ```` block (a diagram, sample output) is not run. A ```` ```kusto ````
+```` ```text ```` block (a diagram, sample output) is not run. A ```` ```kql ````
 block (a query to run against the database) parses and binds in Kusto.Language
 against the schema provision.kql creates (and tests that use it run it).
 """
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # kql_checker
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.S | re.M)
-KINDS = {"python", "python no-run", "bash", "text", "kusto"}
+KINDS = {"python", "python no-run", "bash", "text", "kql"}
 LOADTEST = "langgraph.checkpoint.kusto.loadtests"
 
 
@@ -156,11 +156,11 @@ def test_bash_block_parses_and_its_load_tool_commands_parse(where: str, code: st
                 pytest.fail(f"{where}: the load tool refuses {shlex.join(cmd)} (exit {exc.code})")
 
 
-KUSTO = _blocks("kusto")
+KQL = _blocks("kql")
 
 
-@pytest.mark.parametrize("where,code", KUSTO, ids=_ids(KUSTO))
-def test_kusto_block_parses_and_binds(where: str, code: str) -> None:
+@pytest.mark.parametrize("where,code", KQL, ids=_ids(KQL))
+def test_kql_block_parses_and_binds(where: str, code: str) -> None:
     from kql_checker import NODE_MISSING_REASON, check_kql, errors, format_diagnostics, node_available
 
     if not node_available():

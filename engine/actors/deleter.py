@@ -4,8 +4,10 @@ A deletion is a tombstone record. It travels the same road as every write
 (batcher, then the query cache's overlay), so it masks reads the moment the
 caller's call returns, and it becomes durable once ingested: reads honour the
 Tombstones table across restarts and processes. Later, compaction removes the
-covered rows physically with ``.delete table T records <| ...``, one table at a
-time (Kusto forbids parallel soft deletes on one table), in batches.
+covered rows physically with ``.delete table T records <| ...``: rarely, one process
+per database at a time (a lease in the Compactions table), one table at a time (Kusto
+forbids parallel soft deletes on one table), in batches, resuming from the Tombstones
+table after any restart (see the compaction section below).
 
 Operations that must read first (prune, copy_thread) run in child tasks, so
 the loop keeps serving.
@@ -14,6 +16,7 @@ the loop keeps serving.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import anyio
@@ -21,7 +24,7 @@ import anyio
 from ...telemetry import names
 from .. import kql
 from ..actor import Actor
-from ..errors import KustoCheckpointError
+from ..errors import KustoCheckpointError, PermanentBackendError
 from ..messages import (
     Compact,
     CopyThread,
@@ -34,10 +37,31 @@ from ..messages import (
     ReadSpec,
     Ticket,
 )
-from ..records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, chunk_bytes, next_seq, now_us, to_micros
+from ..records import (
+    BlobRec,
+    CheckpointRec,
+    Record,
+    TombstoneRec,
+    WriteRec,
+    chunk_bytes,
+    next_seq,
+    now_us,
+    to_micros,
+    us_to_datetime,
+)
 from ..retry import retrying
 from ..spool import encode_records
-from ..schema import BLOBS, CHECKPOINTS, SCOPE_CHECKPOINT, SCOPE_RUN, SCOPE_THREAD, WRITES
+from ..schema import (
+    BLOBS,
+    CHECKPOINTS,
+    COMPACTION_DONE,
+    COMPACTION_LEASE,
+    COMPACTIONS,
+    SCOPE_CHECKPOINT,
+    SCOPE_RUN,
+    SCOPE_THREAD,
+    WRITES,
+)
 
 log = logging.getLogger("langgraph.checkpoint.kusto.compaction")
 
@@ -124,10 +148,10 @@ class Deleter(Actor):
         assert self.tg is not None
         if isinstance(msg, (DeleteThreads, DeleteRuns, Prune, CopyThread)):
             self._start_op(msg)
-        elif isinstance(msg, Compact):
+        elif isinstance(msg, Compact):  # the ticker's: leased
             if not self._compacting:
                 self._compacting = True
-                self.tg.start_soon(self._compact)
+                self.tg.start_soon(self._compact, True)
         else:  # pragma: no cover - programming error
             raise TypeError(f"deleter got {msg!r}")
 
@@ -237,22 +261,45 @@ class Deleter(Actor):
         await self._write(records, msg.reply, update_views=False)
 
     # -- compaction --------------------------------------------------------
+    #
+    # Kusto's soft delete is "for the unplanned deletion of individual records", and
+    # "don't run multiple parallel soft delete operations on the same table"
+    # (https://learn.microsoft.com/kusto/concepts/data-soft-delete). So compaction runs
+    # rarely (compaction_interval, default 1 h), one process per database at a time (a
+    # lease: claims in the Compactions table, the smallest owner among one term's claims
+    # wins), one table and one batch at a time, and it works from the Tombstones table
+    # (pending = tombstones without a 'done' row in Compactions), so what any process
+    # deleted is compacted, also after restarts. A soft delete is idempotent: a pass cut
+    # short is simply repeated. Tombstones keep reads correct meanwhile.
 
     async def _compaction_ticker(self) -> None:
-        while True:
-            await anyio.sleep(self.runtime.config.compaction_interval)
+        interval = self.runtime.config.compaction_interval
+        # replicas start together: spread their ticks over the interval
+        await anyio.sleep(random.uniform(0.5, 1.0) * interval)
+        while self.state.compaction_off is None:
             try:
                 self.mailbox.send_nowait(Compact())
             except anyio.WouldBlock:
-                continue
+                pass
             except Exception:  # noqa: BLE001 - closed: stopping
                 return
+            await anyio.sleep(interval)
 
-    async def _compact(self) -> None:
+    async def _compact(self, leased: bool = False) -> None:
+        rt = self.runtime
         try:
-            await self._compact_pass()
+            if self.state.compaction_off is not None:
+                return
+            term = None
+            if leased:
+                term = await self._take_lease()
+                if term is None:
+                    return
+            await self._compact_pass(term)
+        except CompactionUnsupported as exc:
+            self.state.compaction_off = str(exc)
+            log.error("%s", exc)
         except Exception as exc:  # noqa: BLE001 - tombstones keep reads right; retried next pass
-            rt = self.runtime
             rt.compaction_failures += 1
             rt.last_compaction_error = exc
             inst = rt.instruments
@@ -262,27 +309,91 @@ class Deleter(Actor):
         finally:
             self._compacting = False
 
-    async def _compact_pass(self) -> None:
+    async def _take_lease(self) -> int | None:
+        """Claim this term's compaction; the term if this engine won it, else None. A
+        claim of the last half interval (this term's, the previous term's late one, or
+        a long pass's renewal) means another process compacts or just did. Claims that
+        race are all visible after ``compaction_lease_settle``, and everyone picks the
+        same winner."""
+        rt = self.runtime
+        cfg = rt.config
+        now = now_us()
+        span = max(1, int(cfg.compaction_interval * 1_000_000))
+        term = now // span
+        since = {"since": us_to_datetime(now - span // 2)}
+        if await rt.backend.query(kql.LEASE_QUERY, since):
+            return None
+        me = self.state.owner
+        await rt.backend.ingest(COMPACTIONS.name, [_compaction_row(COMPACTION_LEASE, me, term, None, now)])
+        await anyio.sleep(cfg.compaction_lease_settle)
+        owners = [r["owner"] for r in await rt.backend.query(kql.LEASE_QUERY, since) if r["term"] == term]
+        return term if owners and min(owners) == me else None
+
+    async def _compact_pass(self, term: int | None = None) -> None:
+        """Compact every pending tombstone, a batch at a time. ``term``: the lease this
+        pass holds; it is renewed before each further batch, so a pass longer than half
+        the interval keeps other processes out."""
+        rt = self.runtime
         st = self.state
-        still: list[Any] = []
-        for tombs, ingested in st.pending:
-            if ingested.done:
-                try:
-                    await ingested.wait()
-                    st.ready.extend(tombs)
-                except Exception:  # noqa: BLE001 - not stored, nothing to compact
-                    pass
-            else:
-                still.append((tombs, ingested))
-        st.pending = still
-        batch_size = self.runtime.config.compaction_batch
-        while st.ready:
-            batch = st.ready[:batch_size]
+        backend = rt.backend
+        batch_size = rt.config.compaction_batch
+        done_here: set[tuple[Any, ...]] = set()
+        while True:
+            # 'done' rows written in this pass may not be queryable yet (queued ingestion):
+            # ask for as many more as were done here, and skip those
+            rows = await backend.query(kql.pending_tombstones_query(batch_size + len(done_here)), {})
+            batch = [t for t in map(_tombstone, rows) if _key(t) not in done_here][:batch_size]
+            if not batch:
+                break
+            if term is not None and done_here:
+                await backend.ingest(COMPACTIONS.name, [_compaction_row(COMPACTION_LEASE, st.owner, term, None, now_us())])
             for table in (CHECKPOINTS.name, WRITES.name, BLOBS.name):
                 text, params = kql.compaction_command(table, batch)
-                if text:
-                    await self.runtime.backend.command(text, params)
+                if not text:
+                    continue
+                try:
+                    await backend.command(text, params)
+                except PermanentBackendError as exc:
+                    if getattr(backend, "fabric", False):
+                        raise CompactionUnsupported(
+                            f"Microsoft Fabric refused the soft delete on {table} ({exc}); compaction "
+                            "is off in this process. Tombstones keep reads correct; rows stay stored "
+                            "until the tables' retention policy removes them (docs/kusto.md)"
+                        ) from exc
+                    raise
             # the Tombstones rows themselves stay (their table's retention ages them
             # out): they keep hiding late duplicates of what was compacted
-            del st.ready[: len(batch)]
+            at = now_us()
+            await backend.ingest(
+                COMPACTIONS.name, [_compaction_row(COMPACTION_DONE, st.owner, 0, t, at) for t in batch]
+            )
+            done_here.update(_key(t) for t in batch)
             st.compacted += len(batch)
+        # this engine's own tombstones: compacted once ingested, by whichever process
+        st.pending = [(tombs, ingested) for tombs, ingested in st.pending if not ingested.done]
+        st.ready = []
+
+
+class CompactionUnsupported(KustoCheckpointError):
+    """The service refuses soft delete for good (e.g. where it is not offered)."""
+
+
+def _key(t: TombstoneRec) -> tuple[Any, ...]:
+    return (t.scope, t.thread_id, t.checkpoint_ns, t.checkpoint_id, t.run_id, t.deleted_at)
+
+
+def _tombstone(row: dict[str, Any]) -> TombstoneRec:
+    return TombstoneRec(
+        row["scope"], thread_id=row["thread_id"] or "", checkpoint_ns=row["checkpoint_ns"] or "",
+        checkpoint_id=row["checkpoint_id"] or "", run_id=row["run_id"] or "",
+        deleted_at=to_micros(row["deleted_at"]),
+    )
+
+
+def _compaction_row(entry: str, owner: str, term: int, t: TombstoneRec | None, at: int) -> dict[str, Any]:
+    return {
+        "entry": entry, "term": term, "owner": owner,
+        "scope": t.scope if t else "", "thread_id": t.thread_id if t else "",
+        "checkpoint_ns": t.checkpoint_ns if t else "", "checkpoint_id": t.checkpoint_id if t else "",
+        "run_id": t.run_id if t else "", "deleted_at": t.deleted_at if t else at, "written_at": at,
+    }

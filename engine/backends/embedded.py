@@ -347,6 +347,14 @@ class EmbeddedBackend:
         spec = TABLES_BY_NAME.get(table)
         if spec is None:
             raise PermanentBackendError(f"no table {table!r}")
+        from ..kql import literals_as_parameters
+
+        # duckdb-kql splices a literal's text into SQL: each string literal becomes a
+        # declared parameter, decoded by the inverse of the one literal function
+        query, literals = literals_as_parameters(query)
+        if literals:
+            query = f"declare query_parameters({', '.join(f'{n}:string' for n in literals)});\n{query}"
+            params = {**params, **literals}
         cur = self._cursor()
         try:
             tr = duckdb_kql.to_sql(query, schema=self._schema)  # generated per batch: not cached

@@ -39,7 +39,9 @@ import io
 import json
 import logging
 import math
+import random
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,7 @@ import anyio.to_thread
 import orjson
 
 from ..errors import ConfigError, PermanentBackendError, TransientBackendError
+from ..kql import kql_string_literal
 from ..records import JsonText, b64encode, us_to_datetime
 from ..schema import CHECKPOINTS, DATETIME, DYNAMIC, LATEST_VIEW, TABLES, TABLES_BY_NAME, Table, mapping_name
 
@@ -71,33 +74,37 @@ DEFAULT_STATUS_TIMEOUT = 900.0
 _UTC = dt.timezone.utc
 _PROVISION_HINT = "run provision.kql against the database, or call setup(create=True) (needs Database Admin)"
 
+#: the service's longest request (servertimeout): one hour
+MAX_REQUEST_SECONDS = 3600.0
+
+#: streaming ingestion takes "6 concurrent ingestion requests per core" of the cluster
+#: (12 on a 2-core SKU: https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming);
+#: a saver on Kusto sends at most this many batches at once unless told otherwise, half
+#: of the smallest SKU's share, so two replicas fit it (docs/kusto.md: sizing)
+DEFAULT_INGEST_CONCURRENCY = 6
+
+#: the host suffix of a Microsoft Fabric Eventhouse's query URI
+FABRIC_HOST_SUFFIX = ".kusto.fabric.microsoft.com"
+
+#: run after provisioning (https://learn.microsoft.com/kusto/management/data-ingestion/clear-schema-cache-command)
+CLEAR_STREAMING_SCHEMA_CACHE = ".clear database cache streamingingestion schema"
+
+#: provision.kql commands that Microsoft Fabric may refuse without the saver losing
+#: anything it needs: policies and the dashboards' materialized view (tables and
+#: mappings must succeed)
+_FABRIC_OPTIONAL = re.compile(r"\.(?:alter|alter-merge)\s+(?:table|database|materialized-view)\s+\S+\s+policy\b|\.create\s+ifnotexists\s+materialized-view\b")
+
 
 # ---------------------------------------------------------------------------
 # Parameters: Python values as the KQL literals Kusto parses
 # ---------------------------------------------------------------------------
 
-_QUOTE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _KIND_ALIASES = {
     "string": "string", "long": "long", "int64": "long", "int": "int", "int32": "int",
     "bool": "bool", "boolean": "bool", "datetime": "datetime", "date": "datetime",
     "dynamic": "dynamic", "real": "real", "double": "real", "timespan": "timespan",
     "time": "timespan", "guid": "guid", "uuid": "guid", "uniqueid": "guid", "decimal": "decimal",
 }
-
-
-def kql_string_literal(value: str) -> str:
-    """A double-quoted KQL string literal that Kusto reads back as exactly ``value``."""
-    out = ['"']
-    for ch in value:
-        esc = _QUOTE_ESCAPES.get(ch)
-        if esc is not None:
-            out.append(esc)
-        elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or ch in "\u2028\u2029":
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
 
 
 def kusto_datetime_text(value: dt.datetime | int) -> str:
@@ -619,6 +626,62 @@ def _copy_kcsb(kcsb: Any) -> Any:
     return new
 
 
+#: a cached token is renewed this many seconds before it expires: azure-core's own
+#: refresh window (azure/core/pipeline/policies/_authentication.py,
+#: DEFAULT_REFRESH_WINDOW_SECONDS), which its pipelines apply to every credential
+TOKEN_REFRESH_SECONDS = 300.0
+
+
+class CachedTokenCredential:
+    """A TokenCredential in front of another, that keeps each token until shortly before
+    it expires, per (scopes, claims, tenant).
+
+    The Kusto SDK asks its credential for a token on every request
+    (``AzureIdentityTokenCredentialProvider._get_token_from_cache_impl`` returns None:
+    azure-kusto-data/azure/kusto/data/_token_providers.py), and some azure-identity
+    credentials do not cache (``AzureCliCredential`` runs ``az`` each time). ``close()``
+    does nothing: the SDK's client ``close()`` closes the credential it was given
+    (``AzureIdentityTokenCredentialProvider.close``), and a credential the caller passed
+    in is the caller's to close; :class:`KustoBackend` closes one it created itself."""
+
+    def __init__(self, credential: Any, refresh_seconds: float = TOKEN_REFRESH_SECONDS) -> None:
+        import threading
+
+        self.credential = credential
+        self.refresh_seconds = refresh_seconds
+        self._tokens: dict[tuple[Any, ...], Any] = {}
+        self._locks: dict[tuple[Any, ...], Any] = {}
+        self._lock = threading.Lock()
+        self._new_lock = threading.Lock
+
+    def get_token(self, *scopes: str, claims: str | None = None, tenant_id: str | None = None, **kwargs: Any) -> Any:
+        import time
+
+        key = (scopes, claims, tenant_id, kwargs.get("enable_cae"))
+        token = self._tokens.get(key)
+        if token is not None and token.expires_on - time.time() > self.refresh_seconds:
+            return token
+        with self._lock:
+            lock = self._locks.setdefault(key, self._new_lock())
+        with lock:  # one request per scope at a time: callers waiting share its answer
+            token = self._tokens.get(key)
+            if token is not None and token.expires_on - time.time() > self.refresh_seconds:
+                return token
+            extra = {k: v for k, v in (("claims", claims), ("tenant_id", tenant_id)) if v is not None}
+            token = self.credential.get_token(*scopes, **extra, **kwargs)
+            self._tokens[key] = token
+            return token
+
+    def close(self) -> None:
+        """Nothing: see the class docstring."""
+
+    def __enter__(self) -> CachedTokenCredential:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class KustoBackend:
     """Azure Data Explorer behind the backend protocol.
 
@@ -643,6 +706,8 @@ class KustoBackend:
     name = "kusto"
     #: several processes may share the database (consistency "shared" by default)
     exclusive = False
+    #: the engine's ingest_concurrency unless the caller sets it (saver/base.py)
+    default_ingest_concurrency = DEFAULT_INGEST_CONCURRENCY
 
     def __init__(
         self,
@@ -670,7 +735,12 @@ class KustoBackend:
 
         if ingest_mode not in INGEST_MODES:
             raise ConfigError(f"ingest_mode must be one of {INGEST_MODES}, got {ingest_mode!r}")
-        for name, value, top in (("query_timeout", query_timeout, 3600.0), ("command_timeout", command_timeout, 86_399.0)):
+        # a request runs at most one hour on the service: "the default timeout is four
+        # minutes for queries and 10 minutes for management commands ... capped at one
+        # hour" (https://learn.microsoft.com/kusto/concepts/query-limits, limit on request
+        # execution time); the SDK waits 30 s longer than servertimeout
+        for name, value, top in (("query_timeout", query_timeout, MAX_REQUEST_SECONDS),
+                                 ("command_timeout", command_timeout, MAX_REQUEST_SECONDS)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= top):
                 raise ConfigError(f"{name} must be a number of seconds in (0, {top:g}], got {value!r}")
         if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1024:
@@ -734,6 +804,10 @@ class KustoBackend:
         self.max_request_bytes = max_request_bytes
         self.threads = threads
         self._owns_credential = False
+        self._cached_credential: CachedTokenCredential | None = None
+        #: requests wait until then after a 429 (time.monotonic()), whichever slot got it
+        self._throttled_until = 0.0
+        self._throttle_streak = 0
         self._client: Any = None
         self._ingest_client: Any = None
         self._limiter: anyio.CapacityLimiter | None = None
@@ -741,6 +815,15 @@ class KustoBackend:
         self._has_view: bool | None = None
         #: queued ingestion (and managed fallbacks): Kusto's status reports awaited
         self._status = _StatusWatch(self, status_timeout, status_poll_interval)
+        #: seconds after setup(create=True) during which a streaming ingest refused for a
+        #: missing mapping is retried: schema changes "may take up to 5 minutes" to reach
+        #: streaming ingestion (https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming)
+        self.schema_cache_grace = 300.0
+        self._provisioned_at: float | None = None
+        #: a Microsoft Fabric Eventhouse (its query URI's host is *.kusto.fabric.microsoft.com):
+        #: provisioning skips what Fabric refuses of the optional commands, compaction stops
+        #: with a clear message if soft delete is refused (docs/kusto.md)
+        self.fabric = (urlsplit(self.cluster_uri).hostname or "").lower().endswith(FABRIC_HOST_SUFFIX)
 
     def __repr__(self) -> str:
         return (
@@ -768,7 +851,11 @@ class KustoBackend:
                 raise ConfigError("azure-identity is needed for DefaultAzureCredential: pip install azure-identity") from exc
             self._token_credential = DefaultAzureCredential()
             self._owns_credential = True
-        return KustoConnectionStringBuilder.with_azure_token_credential(target, credential=self._token_credential)
+        if self._cached_credential is None or self._cached_credential.credential is not self._token_credential:
+            self._cached_credential = CachedTokenCredential(self._token_credential)
+        # the SDK closes the credential it is given when its client closes: it gets the
+        # cache, whose close() leaves the caller's credential open
+        return KustoConnectionStringBuilder.with_azure_token_credential(target, credential=self._cached_credential)
 
     def _open_sync(self) -> tuple[Any, Any]:
         from azure.kusto.data import KustoClient
@@ -839,7 +926,40 @@ class KustoBackend:
         limiter = self._limiter
         if limiter is None:
             raise PermanentBackendError("the Kusto backend is not open (use the saver inside `with`/`async with`)")
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+        wait = self._throttled_until - time.monotonic()
+        if wait > 0:  # the service said 429: every slot waits, not only the refused one
+            await anyio.sleep(wait)
+        try:
+            result = await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+        except TransientBackendError as exc:
+            self._note_throttling(exc)
+            raise
+        self._throttle_streak = 0
+        return result
+
+    def _note_throttling(self, exc: TransientBackendError) -> None:
+        """On HTTP 429: hold every request of this backend until the service's Retry-After
+        (when the answer carried one), else for an exponential backoff with full jitter
+        that grows with consecutive throttles (max 30 s); the value also rides on
+        ``exc.retry_after`` for the engine's retry (engine/retry.py). Streaming ingestion
+        is limited per cluster (6 concurrent requests per core:
+        https://learn.microsoft.com/azure/data-explorer/ingest-data-streaming), and 429
+        means back off."""
+        from azure.kusto.data.exceptions import KustoThrottlingError
+
+        cause = exc.__cause__
+        response = getattr(cause, "http_response", None)
+        if response is None and isinstance(cause, KustoThrottlingError) and len(cause.args) > 1:
+            response = cause.args[1]
+        status = getattr(response, "status_code", getattr(response, "status", None))
+        if not isinstance(cause, KustoThrottlingError) and status != 429:
+            return
+        after = _retry_after_seconds(getattr(response, "headers", None))
+        self._throttle_streak += 1
+        if after is None:
+            after = random.uniform(0, min(30.0, 0.5 * 2 ** min(self._throttle_streak, 16)))
+        exc.retry_after = after  # type: ignore[attr-defined]
+        self._throttled_until = max(self._throttled_until, time.monotonic() + after)
 
     # -- queries and commands ---------------------------------------------
 
@@ -924,7 +1044,15 @@ class KustoBackend:
             raise PermanentBackendError(f"no table {table!r} in the schema (engine/schema.py)")
         if not rows:
             return None
-        queued: list[str] = await self._run(self._ingest_sync, spec, rows)
+        try:
+            queued: list[str] = await self._run(self._ingest_sync, spec, rows)
+        except PermanentBackendError as exc:
+            if not self._schema_cache_catching_up(exc):
+                raise
+            raise TransientBackendError(
+                f"streaming ingestion into {spec.name} does not see its mapping yet: the nodes' "
+                "schema cache is catching up with provisioning (retried)"
+            ) from exc
         if not queued:
             return None
         return self._status.expect(spec.name, queued)
@@ -1003,25 +1131,72 @@ class KustoBackend:
             await self.open()
         try:
             ran = 0
+            notes: list[str] = []
             if create:
                 for cmd in provision_commands():
+                    first = cmd.splitlines()[0][:120]
                     try:
                         await self.command(cmd)
                     except PermanentBackendError as exc:
-                        first = cmd.splitlines()[0][:120]
+                        if self.fabric and _FABRIC_OPTIONAL.match(cmd):
+                            notes.append(
+                                f"Microsoft Fabric refused {first!r} ({exc}); skipped: an Eventhouse "
+                                "manages this itself (docs/kusto.md, Microsoft Fabric)"
+                            )
+                            continue
                         raise PermanentBackendError(
                             f"provision.kql failed at command {ran + 1} ({first!r}): {exc}. "
                             "setup(create=True) needs Database Admin on the database"
                         ) from exc
                     ran += 1
+                notes += await self._clear_streaming_schema_cache()
             report = await self.check_schema()
             report.commands_run = ran
+            report.warnings += notes
         finally:
             if opened_here:
                 await self.close()
         if not report.ok:
             raise SchemaError(report)
         return report
+
+    async def _clear_streaming_schema_cache(self) -> list[str]:
+        """After provisioning: ``.clear database cache streamingingestion schema``, so
+        streaming ingestion sees the new tables and mappings at once instead of after the
+        nodes' schema cache refreshes (minutes). A node answering Failed may be retried
+        safely (https://learn.microsoft.com/kusto/management/data-ingestion/clear-schema-cache-command);
+        if one still fails, "mapping not found" stays retryable for
+        ``schema_cache_grace`` seconds (:meth:`ingest`). Returns warnings for the report."""
+        self._provisioned_at = time.monotonic()
+        if self.ingest_mode not in ("streaming", "managed"):
+            return []
+        why = ""
+        for _ in range(3):
+            try:
+                rows = await self.command(CLEAR_STREAMING_SCHEMA_CACHE)
+            except (PermanentBackendError, TransientBackendError) as exc:
+                why = str(exc)
+                continue
+            failed = [r for r in rows if str(r.get("Status", "")).lower() == "failed"]
+            if not failed:
+                return []
+            why = f"{len(failed)} node(s) answered Failed"
+        return [
+            f"'{CLEAR_STREAMING_SCHEMA_CACHE}' did not succeed ({why}): streaming ingestion may "
+            f"refuse the new mappings for a few minutes; the saver retries them for "
+            f"{self.schema_cache_grace:g} s after provisioning"
+        ]
+
+    def _schema_cache_catching_up(self, exc: PermanentBackendError) -> bool:
+        """A streaming ingest refused for a missing mapping within ``schema_cache_grace``
+        seconds of provisioning: the nodes' schema cache, not the database, is behind."""
+        if self.ingest_mode not in ("streaming", "managed") or self._provisioned_at is None:
+            return False
+        if time.monotonic() - self._provisioned_at > self.schema_cache_grace:
+            return False
+        cause = exc.__cause__
+        low = (_describe(cause) if cause is not None else str(exc)).lower()
+        return "mapping" in low and ("not found" in low or "wasn't found" in low or "was not found" in low)
 
     async def check_schema(self) -> SchemaReport:
         """Every difference between the database and engine/schema.py (no exception)."""
@@ -1302,19 +1477,41 @@ def _status_error(report: Any) -> TransientBackendError | PermanentBackendError:
 
 
 _CHECKPOINTS_DELETION = re.compile(
-    rf"\.delete table {CHECKPOINTS.name} records <\| (declare query_parameters\([^()]*\);)\n"
-    rf"{CHECKPOINTS.name} (\| where [^\n]+)"
+    rf"\.delete table {CHECKPOINTS.name} records <\| {CHECKPOINTS.name} (\| where .+)", re.S
 )
 
 
 def latest_view_deletion(kql: str) -> str | None:
     """For compaction's ``.delete table Checkpoints records`` (``kql.compaction_command``):
-    the same deletion on the LatestCheckpoints view, same parameters; None for any other
-    text. The view has every Checkpoints column, so the predicate reads the same."""
+    the same deletion on the LatestCheckpoints view; None for any other text. The view
+    has every Checkpoints column, so the predicate reads the same."""
     m = _CHECKPOINTS_DELETION.fullmatch(kql)
     if m is None:
         return None
-    return f".delete materialized-view {LATEST_VIEW} records <| {m.group(1)}\n{LATEST_VIEW} {m.group(2)}"
+    return f".delete materialized-view {LATEST_VIEW} records <| {LATEST_VIEW} {m.group(1)}"
+
+
+def _retry_after_seconds(headers: Any) -> float | None:
+    """Retry-After (delta seconds or an HTTP date, RFC 9110 10.2.3) in seconds, or None."""
+    if headers is None:
+        return None
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    value = str(value).strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_UTC)
+    return max(0.0, (when - dt.datetime.now(_UTC)).total_seconds())
 
 
 def _parse_connection_string(text: str) -> Any:
@@ -1373,6 +1570,7 @@ def _rows(table: Any, *, dynamic_as_text: bool) -> list[dict[str, Any]]:
 
 __all__ = [
     "INGEST_MODES",
+    "CachedTokenCredential",
     "KustoBackend",
     "SchemaError",
     "SchemaReport",

@@ -15,6 +15,9 @@
 //     "analyzers": false,                                // optional: also run the editor's
 //                                                        // analyzers (style hints, severity
 //                                                        // usually Warning/Suggestion)
+//     "literals": false,                                 // optional: also return the
+//                                                        // decoded value of every string
+//                                                        // literal ("literals": [...])
 //     "items": [{"name": "...", "text": "<query or .command>"}, ...]
 //   }
 //
@@ -67,6 +70,23 @@ function listToArray(list) {
   if (!list) return out;
   for (let i = 0; i < list.Count; i++) out.push(list.getItem(i));
   return out;
+}
+
+// The values of the string literals in a parsed text, in order, as the parser decodes
+// them (SyntaxNode.LiteralValue of each StringLiteralExpression; adjacent literals that
+// KQL joins are one expression): how a test reads back what a literal means to Kusto.
+function stringLiterals(L, root) {
+  const kind = L.Syntax.SyntaxKind.StringLiteralExpression;
+  const values = [];
+  (function walk(node) {
+    if (!node) return;
+    if (node.Kind === kind && typeof node.LiteralValue === "string") {
+      values.push(node.LiteralValue);
+      return;
+    }
+    for (let i = 0; i < node.ChildCount; i++) walk(node.GetChild(i));
+  })(root);
+  return values;
 }
 
 function main() {
@@ -154,7 +174,9 @@ function main() {
         diagnostics.push(convert(d, "analyzer"));
       }
     }
-    return { name, kind: code.Kind, diagnostics };
+    const out = { name, kind: code.Kind, diagnostics };
+    if (input.literals) out.literals = stringLiterals(L, code.Syntax);
+    return out;
   });
 
   process.stdout.write(JSON.stringify(results) + "\n");
