@@ -264,7 +264,11 @@ async def test_a_batch_awaiting_its_report_does_not_hold_an_ingest_slot(
     their reports: they land in the same sealed batch of the batching policy. Holding the
     slot for the wait would send one blob per batching delay (one blob per sealed group)."""
     async with dm_loopback(azurite, batching_delay=2.0) as srv:
-        async with AsyncKustoSaver(backend_for(srv), ingest_concurrency=1, batch_size=1, **FAST) as saver:
+        # durability="memory": the puts return at once (the shared default would wait for
+        # each put's report in turn, and send one blob per sealed group for that reason)
+        async with AsyncKustoSaver(
+            backend_for(srv), ingest_concurrency=1, batch_size=1, durability="memory", **FAST
+        ) as saver:
             for i in range(4):
                 await put_one(saver, f"slot-{i}")
             await saver.flush()
