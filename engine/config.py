@@ -236,7 +236,8 @@ class EngineConfig:
     def from_options(cls, backend: Any = None, **options: Any) -> EngineConfig:
         """The settings from keyword options, every one validated.
 
-        With ``backend``, ``consistency`` left unset is chosen for it
+        With ``backend``, ``ingest_concurrency`` left unset is at most the backend's
+        ``default_ingest_concurrency``, ``consistency`` left unset is chosen for it
         (:meth:`for_backend`), and under "shared" consistency ``durability`` left
         unset is "ingested": a put returns once the backend holds it, so a turn that
         returned is what any replica's next read shows.
@@ -252,8 +253,17 @@ class EngineConfig:
             raise ConfigError(
                 f"unknown engine option(s) {unknown}; known options: {sorted(known)}"
             )
-        if "ingest_concurrency" not in options and {"max_buffered_bytes", "max_batch_bytes", "ingest_queue_size"} & set(options):
-            options = {**options, "ingest_concurrency": _fitting_concurrency(options)}
+        if "ingest_concurrency" not in options:
+            slots = cls.ingest_concurrency
+            if {"max_buffered_bytes", "max_batch_bytes", "ingest_queue_size"} & set(options):
+                slots = _fitting_concurrency(options)
+            # a backend whose service limits concurrent ingestion (Kusto's streaming
+            # ingestion) lowers the default; a smaller memory bound may lower it further
+            limit = getattr(backend, "default_ingest_concurrency", None)
+            if isinstance(limit, int) and not isinstance(limit, bool):
+                slots = min(slots, limit)
+            if slots != cls.ingest_concurrency:
+                options = {**options, "ingest_concurrency": slots}
         config = cls(**options)
         if backend is None:
             return config

@@ -357,7 +357,10 @@ class Engine:
         epoch = ov.epoch
         ov.inflight[epoch] += 1
         try:
-            params = {"tid": thread_id, "ns": checkpoint_ns, "channels": sorted(set(channels))}
+            params = {
+                "tids": [thread_id], "all_threads": False, "ns": checkpoint_ns, "any_ns": False, "cid": "",
+                "channels": sorted(set(channels)),
+            }
             limiter = rt.query_limiter
             assert limiter is not None
             async with limiter:
@@ -477,7 +480,7 @@ class Engine:
 
     async def compact(self) -> int:
         """Run a compaction pass now (after a flush); returns tombstones compacted so far."""
-        rt = self._check()
+        self._check()
         await self._flush()
         deleter = self._children["deleter"].current
         assert isinstance(deleter, Deleter)
@@ -560,7 +563,7 @@ class Engine:
         ])
         dl: DeleterState = self._states["deleter"]
         inst.register_gauge(
-            names.TOMBSTONES_PENDING, lambda: [(sum(len(t) for t, _ in dl.pending) + len(dl.ready), {})]
+            names.TOMBSTONES_PENDING, lambda: [(sum(len(t) for t, _ in dl.pending), {})]
         )
 
 

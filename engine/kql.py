@@ -316,29 +316,20 @@ LEASE_QUERY = f"""declare query_parameters(since:datetime);
 #: trip: every visible checkpoint's parent link and channel versions (the walk up the
 #: parent chain runs in the caller: KQL has no recursion both backends run), the
 #: stored (non-"empty") values of the asked channels, which are the seeds the walk
-#: stops at, and the pending writes to those channels. Tombstones are honoured as in
-#: the checkpoint reads.
-DELTA_HISTORY_QUERY = f"""declare query_parameters(tid:string, ns:string, channels:dynamic);
-let tomb = {TOMBSTONES.name} | where thread_id == tid or scope == "{SCOPE_RUN}";
-let dead_threads = tomb | where scope == "{SCOPE_THREAD}" | summarize thread_deleted_at = max(deleted_at) by thread_id;
-let dead_checkpoints = tomb | where scope == "{SCOPE_CHECKPOINT}" | summarize checkpoint_deleted_at = max(deleted_at) by thread_id, checkpoint_ns, checkpoint_id;
-let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;
-let heads = {CHECKPOINTS.name}
-| where thread_id == tid and checkpoint_ns == ns
-| summarize arg_max(written_at, *) by thread_id, checkpoint_ns, checkpoint_id
-| join kind=leftouter dead_threads on thread_id
-| where isnull(thread_deleted_at) or written_at > thread_deleted_at
-| join kind=leftouter dead_checkpoints on thread_id, checkpoint_ns, checkpoint_id
-| where isnull(checkpoint_deleted_at) or written_at > checkpoint_deleted_at
-| join kind=leftanti dead_runs on run_id
+#: stops at, and the pending writes to those channels. Tombstones are honoured by the
+#: checkpoint reads' own lets (one thread, one namespace).
+DELTA_HISTORY_QUERY = f"""declare query_parameters(tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string, channels:dynamic);
+{_TOMBSTONE_LETS}
+{_VISIBLE}
+let heads = visible
 | project kind_ = "checkpoint", thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, run_id, channel_versions, written_at;
 let blobs = {BLOBS.name}
-| where thread_id == tid and checkpoint_ns == ns and channel in (channels) and payload_type != "empty"
+| where thread_id in (tids) and checkpoint_ns == ns and channel in (channels) and payload_type != "empty"
 | join kind=leftouter dead_threads on thread_id
 | where isnull(thread_deleted_at) or written_at > thread_deleted_at
 | project kind_ = "blob", thread_id, checkpoint_ns, checkpoint_id = "", channel, version, task_id = "", task_path = "", idx = tolong(0), payload_type, payload, chunk, chunks, written_at;
 let writes = {WRITES.name}
-| where thread_id == tid and checkpoint_ns == ns and channel in (channels)
+| where thread_id in (tids) and checkpoint_ns == ns and channel in (channels)
 | join kind=leftouter dead_threads on thread_id
 | where isnull(thread_deleted_at) or written_at > thread_deleted_at
 | project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at;

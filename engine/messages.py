@@ -237,10 +237,9 @@ class Compact(Message):
 
 @dataclass
 class DeleterState:
-    #: tombstones accepted, waiting to be ingested before compaction
+    #: this engine's tombstones not yet ingested (the pending-tombstones gauge; compaction
+    #: itself reads what is pending from the Tombstones table)
     pending: list[Any] = field(default_factory=list)
-    #: tombstones ingested, to compact physically
-    ready: list[Any] = field(default_factory=list)
     compacted: int = 0
     #: this engine's name in compaction lease claims (Compactions table)
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)

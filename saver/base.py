@@ -63,12 +63,6 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
         """``meter_provider`` / ``tracer_provider``: OpenTelemetry providers to report to
         (default: the global ones, i.e. the host's SDK, or no-op without one)."""
         super().__init__(serde=serde)
-        slots = getattr(backend, "default_ingest_concurrency", None)
-        if isinstance(slots, int) and "ingest_concurrency" not in options:
-            # a backend whose service limits concurrent ingestion (Kusto's streaming
-            # ingestion) lowers the default; a smaller memory bound may lower it further
-            fitted = EngineConfig.from_options(**options).ingest_concurrency
-            options = {**options, "ingest_concurrency": min(slots, fitted)}
         self.options = EngineConfig.from_options(backend, **options)
         cap = getattr(backend, "max_value_size", None)
         if cap is not None and self.options.cell_limit > cap:

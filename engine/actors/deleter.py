@@ -192,10 +192,13 @@ class Deleter(Actor):
                 rt.clock.observe(row["thread_id"], to_micros(row["t"]))
         return {t: rt.clock.stamp(t) for t in thread_ids}
 
+    async def _thread_tombstones(self, thread_ids: list[str]) -> list[TombstoneRec]:
+        """Tombstones that cover every row the threads have, on any replica."""
+        at = await self._stamps_above(thread_ids)
+        return [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at[t]) for t in thread_ids]
+
     async def _delete(self, msg: DeleteThreads) -> None:
-        at = await self._stamps_above(msg.thread_ids)
-        tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at[t]) for t in msg.thread_ids]
-        await self._write_tombstones(tombs, msg.reply)
+        await self._write_tombstones(await self._thread_tombstones(msg.thread_ids), msg.reply)
 
     async def _delete_runs(self, msg: DeleteRuns) -> None:
         # a run tombstone covers the run's checkpoints whenever written: no stamp decides
@@ -209,8 +212,7 @@ class Deleter(Actor):
 
     async def _prune(self, msg: Prune) -> None:
         if msg.strategy == "delete":
-            at = await self._stamps_above(msg.thread_ids)
-            tombs = [TombstoneRec(SCOPE_THREAD, thread_id=t, deleted_at=at[t]) for t in msg.thread_ids]
+            tombs = await self._thread_tombstones(msg.thread_ids)
         else:
             # the read's rows are newest first (written_at, then id), and it taught
             # the clock their stamps: a checkpoint tombstone is stamped above them
@@ -371,7 +373,6 @@ class Deleter(Actor):
             st.compacted += len(batch)
         # this engine's own tombstones: compacted once ingested, by whichever process
         st.pending = [(tombs, ingested) for tombs, ingested in st.pending if not ingested.done]
-        st.ready = []
 
 
 class CompactionUnsupported(KustoCheckpointError):
