@@ -117,10 +117,12 @@ def delta_walk(
     as far as the nearest one that holds a stored value (a snapshot) of every channel
     in ``channels``, or the root. Returns that chain and, per channel, the checkpoint
     its seed is stored at (absent: no stored value on the path, start empty).
-    ``target`` None: the latest checkpoint.
+    ``target`` None: the latest checkpoint (the highest stamp, as every read orders
+    them: engine/clock.py).
     """
     if target is None:
-        target = max(heads, default=None)
+        newest = max(heads.values(), key=lambda h: (h.written_at, h.checkpoint_id), default=None)
+        target = newest.checkpoint_id if newest is not None else None
     head = heads.get(target) if target is not None else None
     chain: list[str] = []
     seeds: dict[str, str] = {}

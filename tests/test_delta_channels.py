@@ -459,3 +459,18 @@ async def test_history_on_both_anyio_backends(anyio_backend: str, held: bool) ->
         # no DeltaChannel metadata: keep_latest keeps only the latest, and the walk stops there
         await saver.aprune(["t"], strategy="keep_latest")
         assert await saver.aget_delta_channel_history(config=cfg2, channels=["x"]) == {"x": {"writes": []}}
+
+
+def test_the_walk_starts_at_the_newest_stamp_not_the_highest_id() -> None:
+    """Checkpoint ids come from the writing host's clock; the newest checkpoint is the
+    one with the highest stamp (engine/clock.py), as every read orders them."""
+    from langgraph.checkpoint.kusto.engine.reads import delta_walk
+    from langgraph.checkpoint.kusto.engine.records import BlobRec, CheckpointRec
+
+    def head(cid: str, parent: str, stamp: int, version: str) -> CheckpointRec:
+        return CheckpointRec("t", "", cid, parent, "", {"d": version}, {}, b"{}", "", b"", stamp)
+
+    # the second turn ran on a host whose clock (and so ids) runs behind: a lower id
+    heads = {"z": head("z", "", 1, "1"), "b": head("b", "z", 2, "2")}
+    blobs = {("d", "1"): BlobRec("t", "", "d", "1", "json", b"[]", 1)}
+    assert delta_walk(heads, blobs, None, ["d"]) == (["z"], {"d": "z"})
