@@ -6,6 +6,7 @@ Every saver entry point takes these as keyword arguments; an invalid value raise
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -117,6 +118,18 @@ class EngineConfig:
     #: claims back; longer than a claim takes to become queryable (streaming ingestion:
     #: about a second; raise it with queued ingestion)
     compaction_lease_settle: float = 15.0
+    #: time to live of a thread, a ``timedelta`` or seconds; None (default): threads live
+    #: until deleted. A thread whose last activity (a checkpoint, a pending write, or with
+    #: ttl_refresh_on_read a read) is older is deleted as delete_thread deletes it, by one
+    #: process per database at a time, within expiry_interval (docs/retention.md)
+    ttl: float | dt.timedelta | None = None
+    #: with ttl: a read of a thread's state counts as activity (written at most once per
+    #: ttl / 10 per thread and process, so a thread read steadily lives on)
+    ttl_refresh_on_read: bool = False
+    #: seconds between expiry passes (with ttl); None: ttl / 10, at most 300 s
+    expiry_interval: float | None = None
+    #: threads expired per query and tombstone batch of an expiry pass
+    expiry_batch: int = 1000
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -154,6 +167,7 @@ class EngineConfig:
             "max_restarts",
             "compaction_batch",
             "spool_segment_bytes",
+            "expiry_batch",
         ):
             positive_int(name)
         non_negative_int("max_retries")
@@ -163,6 +177,17 @@ class EngineConfig:
             positive_number(name, allow_zero=True)
         if self.put_timeout is not None:
             positive_number("put_timeout")
+        if isinstance(self.ttl, dt.timedelta):
+            object.__setattr__(self, "ttl", self.ttl.total_seconds())
+        if self.ttl is not None:
+            positive_number("ttl")
+            object.__setattr__(self, "ttl", float(self.ttl))
+        if not isinstance(self.ttl_refresh_on_read, bool):
+            raise ConfigError(f"ttl_refresh_on_read must be True or False, got {self.ttl_refresh_on_read!r}")
+        if self.ttl_refresh_on_read and self.ttl is None:
+            raise ConfigError("ttl_refresh_on_read needs a ttl (a timedelta or seconds)")
+        if self.expiry_interval is not None:
+            positive_number("expiry_interval")
         if self.switch_interval is not None:
             positive_number("switch_interval")
         if self.gc_threshold is not None:
@@ -218,6 +243,20 @@ class EngineConfig:
         and those in flight."""
         in_flight = (self.ingest_queue_size + 1 + self.ingest_concurrency) * self.max_batch_bytes
         return self.max_buffered_bytes - in_flight
+
+    @property
+    def expiry_every(self) -> float | None:
+        """Seconds between expiry passes; None without a ttl."""
+        if self.ttl is None:
+            return None
+        if self.expiry_interval is not None:
+            return float(self.expiry_interval)
+        return min(self.ttl / 10, 300.0)
+
+    @property
+    def touch_every(self) -> float | None:
+        """Seconds between two touches of one thread by this process (ttl_refresh_on_read)."""
+        return self.ttl / 10 if self.ttl is not None and self.ttl_refresh_on_read else None
 
     @property
     def shared(self) -> bool:

@@ -30,9 +30,9 @@ from .backends.base import Backend
 from .clock import ThreadClock
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError, PutTimeoutError, UsageError
-from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec
+from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec, Touch
 from .reads import checkpoint_from_row, delta_walk, values_from_rows
-from .records import BlobRec, Bundle, CheckpointRec, Record, WriteRec, newer_write
+from .records import BlobRec, Bundle, CheckpointRec, Record, WriteRec, newer_write, now_us
 from .retry import retrying
 from .runtime import Runtime
 from .spool import EMPTY_STATS, Spool, spool_dir_for
@@ -310,6 +310,21 @@ class Engine:
     # -- reads -------------------------------------------------------------
 
     async def get(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None) -> Bundle | None:
+        bundle = await self._get(thread_id, checkpoint_ns, checkpoint_id)
+        if bundle is not None and self.config.touch_every is not None:
+            self._touch(bundle.checkpoint)
+        return bundle
+
+    def _touch(self, c: CheckpointRec) -> None:
+        """ttl_refresh_on_read: tell the deleter this thread was read (it writes a touch
+        at most once per ttl / 10). Best effort: a full mailbox drops it."""
+        rt = self.runtime
+        if rt is None:
+            return
+        with contextlib.suppress(anyio.WouldBlock, EngineClosedError):
+            rt.mailboxes["deleter"].send_nowait(Touch(c.thread_id, c.checkpoint_ns, c.checkpoint_id))
+
+    async def _get(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str | None) -> Bundle | None:
         rt = self._check()
         spec = ReadSpec((thread_id,), checkpoint_ns, checkpoint_id, latest=True)
         return await self._ask(rt, "cache", Read(spec, rt.reply()))  # type: ignore[no-any-return]
@@ -490,6 +505,20 @@ class Engine:
         await deleter._compact()
         return self._states["deleter"].compacted  # type: ignore[no-any-return]
 
+    async def expire(self) -> int:
+        """Run an expiry pass now (with the ttl option; no lease, after a flush); returns
+        the threads it expired."""
+        self._check()
+        if self.config.ttl is None:
+            raise UsageError("expire() needs the ttl option")
+        await self._flush()
+        deleter = self._children["deleter"].current
+        assert isinstance(deleter, Deleter)
+        while deleter._expiring:
+            await anyio.sleep(0.01)
+        deleter._expiring = True
+        return await deleter._expire()
+
     # -- fault injection and introspection -----------------------------------
 
     async def crash(self, actor: str) -> None:
@@ -533,6 +562,9 @@ class Engine:
             cache_misses=ov.misses,
             forks=ov.forks,
             tombstones_compacted=self._states["deleter"].compacted,
+            rows_removed=self._states["deleter"].rows_removed,
+            threads_expired=self._states["deleter"].expired,
+            live_threads=self._states["deleter"].live_threads,
             puts_waited=rt.puts_waited,
             put_wait_s=rt.put_wait_s,
             compaction_failures=rt.compaction_failures,
@@ -564,6 +596,10 @@ class Engine:
         dl: DeleterState = self._states["deleter"]
         inst.register_gauge(
             names.TOMBSTONES_PENDING, lambda: [(sum(len(t) for t, _ in dl.pending), {})]
+        )
+        inst.register_gauge(
+            names.OLDEST_LIVE_AGE,
+            lambda: [] if dl.oldest_live_at is None else [((now_us() - dl.oldest_live_at) / 1e6, {})],
         )
 
 

@@ -20,20 +20,53 @@ from .schema import (
     BLOBS,
     CHECKPOINTS,
     COMPACTION_DONE,
-    COMPACTION_LEASE,
     COMPACTIONS,
     SCOPE_CHECKPOINT,
+    SCOPE_EXPIRE,
     SCOPE_RUN,
     SCOPE_THREAD,
     TOMBSTONES,
+    TOUCHES,
     WRITES,
 )
 
 _CK_COLUMNS = ", ".join(CHECKPOINTS.column_names)
 
-#: The tombstone filters every checkpoint read applies (``let`` statements).
+#: A thread's expiries (scope "expire", written by the ttl option's expiry) that still
+#: hold: an expiry covers the thread's rows written at or before ``expired_at`` (its last
+#: activity when the expiry was decided) unless a row written after it continues that
+#: history: a checkpoint whose parent, or a pending write or a touch whose checkpoint, is
+#: one the expiry covers. Such a row is a turn (or a read) that raced the expiry, and it
+#: wins: the thread lives on whole. A turn that starts after the expiry is visible finds
+#: no checkpoint and starts afresh, so it does not revive the old history. Needs ``tomb``.
+_EXPIRY_LETS = f"""let expiries = tomb | where scope == "{SCOPE_EXPIRE}" | project thread_id, expired_at = deleted_at | distinct thread_id, expired_at;
+let expired_ids = expiries
+| join kind=inner ({CHECKPOINTS.name} | where all_threads or thread_id in (tids)) on thread_id
+| where written_at <= expired_at
+| project thread_id, expired_at, checkpoint_ns, ref = checkpoint_id;
+let revived = union
+    (expiries | join kind=inner ({CHECKPOINTS.name} | where all_threads or thread_id in (tids)) on thread_id
+        | where written_at > expired_at and isnotempty(parent_checkpoint_id)
+        | project thread_id, expired_at, checkpoint_ns, ref = parent_checkpoint_id),
+    (expiries | join kind=inner ({WRITES.name} | where all_threads or thread_id in (tids)) on thread_id
+        | where written_at > expired_at
+        | project thread_id, expired_at, checkpoint_ns, ref = checkpoint_id),
+    (expiries | join kind=inner ({TOUCHES.name} | where all_threads or thread_id in (tids)) on thread_id
+        | where written_at > expired_at
+        | project thread_id, expired_at, checkpoint_ns, ref = checkpoint_id)
+| join kind=inner expired_ids on thread_id, expired_at, checkpoint_ns, ref
+| project thread_id, expired_at
+| distinct thread_id, expired_at;"""
+
+#: The tombstone filters every checkpoint read applies (``let`` statements; the caller
+#: declares or binds ``tids`` and ``all_threads``). ``dead_threads``: each thread's
+#: deletion floor, from thread deletions and from expiries that hold.
 _TOMBSTONE_LETS = f"""let tomb = {TOMBSTONES.name} | where all_threads or thread_id in (tids) or scope == "{SCOPE_RUN}";
-let dead_threads = tomb | where scope == "{SCOPE_THREAD}" | summarize thread_deleted_at = max(deleted_at) by thread_id;
+{_EXPIRY_LETS}
+let dead_threads = union
+    (tomb | where scope == "{SCOPE_THREAD}" | project thread_id, deleted_at),
+    (expiries | join kind=leftanti revived on thread_id, expired_at | project thread_id, deleted_at = expired_at)
+| summarize thread_deleted_at = max(deleted_at) by thread_id;
 let dead_checkpoints = tomb | where scope == "{SCOPE_CHECKPOINT}" | summarize checkpoint_deleted_at = max(deleted_at) by thread_id, checkpoint_ns, checkpoint_id;
 let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;"""
 
@@ -173,8 +206,52 @@ let c = {CHECKPOINTS.name} | where thread_id in (tids) | summarize t = max(writt
 let b = {BLOBS.name} | where thread_id in (tids) | summarize t = max(written_at) by thread_id;
 let w = {WRITES.name} | where thread_id in (tids) | summarize t = max(written_at) by thread_id;
 let d = {TOMBSTONES.name} | where thread_id in (tids) | summarize t = max(deleted_at) by thread_id;
-union c, b, w, d
+let r = {TOUCHES.name} | where thread_id in (tids) | summarize t = max(written_at) by thread_id;
+union c, b, w, d, r
 | summarize t = max(t) by thread_id"""
+
+
+#: Each live thread's last activity: its newest checkpoint, pending write or touch above
+#: its deletion floor (thread deletions and expiries that hold). Needs the tombstone lets.
+_ACTIVITY = f"""let activity = union
+    ({CHECKPOINTS.name} | where all_threads or thread_id in (tids) | project thread_id, written_at),
+    ({WRITES.name} | where all_threads or thread_id in (tids) | project thread_id, written_at),
+    ({TOUCHES.name} | where all_threads or thread_id in (tids) | project thread_id, written_at)
+| join kind=leftouter dead_threads on thread_id
+| where isnull(thread_deleted_at) or written_at > thread_deleted_at
+| summarize last_at = max(written_at) by thread_id;"""
+
+
+def expiry_query(limit: int) -> str:
+    """An expiry pass's question, in one round trip: up to ``limit`` threads whose last
+    activity is before ``cutoff`` (rows ``kind_ = "due"``, oldest first, ``last_at``: what
+    the expiry covers), and the live threads' count and oldest activity (one row ``kind_ =
+    "live"``)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    return f"""declare query_parameters(cutoff:datetime);
+let tids = dynamic([]);
+let all_threads = true;
+{_TOMBSTONE_LETS}
+{_ACTIVITY}
+let due = activity
+| where last_at < cutoff
+| order by last_at asc
+| take {int(limit)}
+| project kind_ = "due", thread_id, last_at, threads = tolong(1);
+let live = activity
+| where last_at >= cutoff
+| summarize last_at = min(last_at), threads = count()
+| project kind_ = "live", thread_id = "", last_at, threads;
+union due, live"""
+
+
+#: Of the expiries asked about (``tids``), those a racing row revived: compaction leaves
+#: their rows alone.
+REVIVED_QUERY = f"""declare query_parameters(tids:dynamic);
+let all_threads = false;
+{_TOMBSTONE_LETS}
+revived"""
 
 
 #: Blobs and pending writes of a set of checkpoints, in one round trip. The
@@ -183,7 +260,8 @@ union c, b, w, d
 #: thread deletion covers comes back flagged ``hidden_``: a checkpoint that still
 #: names it is not returned (never a state with a value missing).
 VALUES_QUERY = f"""declare query_parameters(tids:dynamic, channels:dynamic, versions:dynamic, cids:dynamic);
-let dead_threads = {TOMBSTONES.name} | where thread_id in (tids) and scope == "{SCOPE_THREAD}" | summarize thread_deleted_at = max(deleted_at) by thread_id;
+let all_threads = false;
+{_TOMBSTONE_LETS}
 let blobs = {BLOBS.name}
 | where thread_id in (tids) and channel in (channels) and version in (versions)
 | join kind=leftouter dead_threads on thread_id
@@ -272,13 +350,17 @@ def compaction_command(table: str, tombs: list[TombstoneRec]) -> tuple[str, dict
     command is the plain form Microsoft documents
     (https://learn.microsoft.com/kusto/management/soft-delete-command). The second item
     (parameters) is always empty; it stays for the backends' ``command(text, params)``.
-    A thread or checkpoint tombstone covers rows with ``written_at < deleted_at``.
+    A thread or checkpoint tombstone covers rows with ``written_at < deleted_at``, an
+    expiry those with ``written_at <= deleted_at`` (the thread's last activity; the caller
+    leaves out expiries a racing row revived: :data:`REVIVED_QUERY`).
     """
     preds: list[str] = []
     for t in tombs:
         if t.scope == SCOPE_THREAD:
             preds.append(f"(thread_id == {literal(t.thread_id)} and written_at < {literal(us_to_datetime(t.deleted_at))})")
-        elif t.scope == SCOPE_CHECKPOINT and table in (CHECKPOINTS.name, WRITES.name):
+        elif t.scope == SCOPE_EXPIRE:
+            preds.append(f"(thread_id == {literal(t.thread_id)} and written_at <= {literal(us_to_datetime(t.deleted_at))})")
+        elif t.scope == SCOPE_CHECKPOINT and table in (CHECKPOINTS.name, WRITES.name, TOUCHES.name):
             preds.append(
                 f"(thread_id == {literal(t.thread_id)} and checkpoint_ns == {literal(t.checkpoint_ns)} "
                 f"and checkpoint_id == {literal(t.checkpoint_id)} and written_at < {literal(us_to_datetime(t.deleted_at))})"
@@ -295,20 +377,26 @@ _TOMB_KEY = "scope, thread_id, checkpoint_ns, checkpoint_id, run_id, deleted_at"
 
 def pending_tombstones_query(limit: int) -> str:
     """Tombstones not yet compacted (no 'done' row in Compactions), oldest first: what
-    compaction still has to do, whichever process wrote them and whenever."""
+    compaction still has to do, whichever process wrote them and whenever. An expiry
+    waits until its ``deleted_at`` (the thread's last activity) is before
+    ``expire_cutoff``: a turn racing it has had that long to revive the thread."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     return (
+        "declare query_parameters(expire_cutoff:datetime);\n"
         f'let done = {COMPACTIONS.name} | where entry == "{COMPACTION_DONE}" | distinct {_TOMB_KEY};\n'
-        f"{TOMBSTONES.name}\n| distinct {_TOMB_KEY}\n| join kind=leftanti done on {_TOMB_KEY}\n"
+        f"{TOMBSTONES.name}\n"
+        f'| where scope != "{SCOPE_EXPIRE}" or deleted_at < expire_cutoff\n'
+        f"| distinct {_TOMB_KEY}\n| join kind=leftanti done on {_TOMB_KEY}\n"
         f"| order by deleted_at asc\n| take {int(limit)}"
     )
 
 
-#: compaction lease claims written after ``since`` (the claimant's clock)
-LEASE_QUERY = f"""declare query_parameters(since:datetime);
+#: lease claims (``entry``: compaction's or the expiry's) written after ``since`` (the
+#: claimant's clock)
+LEASE_QUERY = f"""declare query_parameters(since:datetime, lease:string);
 {COMPACTIONS.name}
-| where entry == "{COMPACTION_LEASE}" and written_at > since
+| where entry == lease and written_at > since
 | distinct term, owner"""
 
 
@@ -348,5 +436,7 @@ def all_templates() -> list[tuple[str, str]]:
         ("stamps", STAMPS_QUERY),
         ("delta_history", DELTA_HISTORY_QUERY),
         ("pending_tombstones", pending_tombstones_query(100)),
+        ("expiry", expiry_query(1000)),
+        ("revived", REVIVED_QUERY),
         ("lease", LEASE_QUERY),
     ]

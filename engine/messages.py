@@ -235,6 +235,38 @@ class Compact(Message):
     redeliverable = False
 
 
+class Expire(Message):
+    """The expiry ticker's (ttl): run a leased expiry pass."""
+
+    __slots__ = ()
+    redeliverable = False
+
+
+class Forget(Message):
+    """To the query cache: drop what it keeps of these threads (the expiry's, once its
+    tombstones are in the backend)."""
+
+    __slots__ = ("thread_ids",)
+    redeliverable = False
+
+    def __init__(self, thread_ids: list[str]) -> None:
+        super().__init__(None)
+        self.thread_ids = thread_ids
+
+
+class Touch(Message):
+    """A read of a thread's state (ttl_refresh_on_read): its activity, for expiry."""
+
+    __slots__ = ("thread_id", "checkpoint_ns", "checkpoint_id")
+    redeliverable = False
+
+    def __init__(self, thread_id: str, checkpoint_ns: str, checkpoint_id: str) -> None:
+        super().__init__(None)
+        self.thread_id = thread_id
+        self.checkpoint_ns = checkpoint_ns
+        self.checkpoint_id = checkpoint_id
+
+
 @dataclass
 class DeleterState:
     #: this engine's tombstones not yet ingested (the pending-tombstones gauge; compaction
@@ -248,3 +280,13 @@ class DeleterState:
     #: prune / copy_thread requests being worked on in child tasks, by id: a crash
     #: cancels those tasks, and the next incarnation starts them again
     running: dict[int, Any] = field(default_factory=dict)
+    #: threads expired by this engine's expiry passes (ttl)
+    expired: int = 0
+    #: rows compaction removed physically (as the backend counted them)
+    rows_removed: int = 0
+    #: the last expiry pass this engine ran: live threads, and the oldest one's last
+    #: activity (epoch microseconds; None: no pass yet, or no live thread)
+    live_threads: int | None = None
+    oldest_live_at: int | None = None
+    #: ttl_refresh_on_read: when this engine last wrote a touch per thread (monotonic s)
+    touched: dict[str, float] = field(default_factory=dict)

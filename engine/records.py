@@ -307,6 +307,8 @@ class TombstoneRec:
         }
 
     def covers_checkpoint(self, rec: CheckpointRec) -> bool:
+        # an expiry ("expire") is conditional on rows only the backend holds (a racing
+        # write revives the thread): reads ask the backend, never the overlay, about it
         if self.scope == schema.SCOPE_THREAD:
             return rec.thread_id == self.thread_id and rec.written_at < self.deleted_at
         if self.scope == schema.SCOPE_RUN:
@@ -329,7 +331,41 @@ class TombstoneRec:
         )
 
 
-Record = CheckpointRec | BlobRec | WriteRec | TombstoneRec
+@dataclass(slots=True)
+class TouchRec:
+    """A read that refreshes its thread's time to live (``ttl_refresh_on_read``). It names
+    the checkpoint read: a touch written after an expiry that names a checkpoint the
+    expiry covers is a read racing the expiry, and the thread stays alive."""
+
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    written_at: int
+    seq: int = 0
+
+    table = schema.TOUCHES.name
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.thread_id, self.checkpoint_ns, self.checkpoint_id, self.written_at)
+
+    @property
+    def nbytes(self) -> int:
+        return 160
+
+    def parts(self, cell_limit: int) -> int:
+        return 1
+
+    def row(self, part: int, cell_limit: int) -> dict[str, Any]:
+        return {
+            "thread_id": self.thread_id,
+            "checkpoint_ns": self.checkpoint_ns,
+            "checkpoint_id": self.checkpoint_id,
+            "written_at": self.written_at,
+        }
+
+
+Record = CheckpointRec | BlobRec | WriteRec | TombstoneRec | TouchRec
 
 
 class Rows(Sequence[dict[str, Any]]):

@@ -124,7 +124,10 @@ TOMBSTONES = Table(
     time_column="deleted_at",
     doc=(
         "Deletions that reads honour: scope 'thread' hides every row of thread_id "
-        "written before deleted_at; 'run' hides checkpoints of run_id; 'checkpoint' "
+        "written before deleted_at; 'expire' (the ttl option's expiry) hides every row of "
+        "thread_id written at or before deleted_at, the thread's last activity, unless a row "
+        "written after it continues that history (a write racing the expiry wins); 'run' "
+        "hides checkpoints of run_id; 'checkpoint' "
         "hides one checkpoint (thread_id, checkpoint_ns, checkpoint_id) written before "
         "deleted_at (prune writes one per checkpoint it removes: Kusto has no ordering "
         "operators on strings, so a range tombstone could not be evaluated)."
@@ -157,10 +160,28 @@ COMPACTIONS = Table(
     ),
 )
 
+TOUCHES = Table(
+    name="Touches",
+    columns=(
+        ("thread_id", STRING),
+        ("checkpoint_ns", STRING),
+        ("checkpoint_id", STRING),
+        ("written_at", DATETIME),
+    ),
+    key=("thread_id", "checkpoint_ns", "checkpoint_id", "written_at"),
+    time_column="written_at",
+    doc=(
+        "Reads that refresh a thread's time to live (ttl_refresh_on_read): the thread, "
+        "the checkpoint read, and when. Expiry counts them as activity."
+    ),
+)
+
 COMPACTION_DONE = "done"
 COMPACTION_LEASE = "lease"
+#: the expiry's lease (ttl): same rule as compaction's, its own term
+EXPIRY_LEASE = "expiry-lease"
 
-TABLES: tuple[Table, ...] = (CHECKPOINTS, BLOBS, WRITES, TOMBSTONES, COMPACTIONS)
+TABLES: tuple[Table, ...] = (CHECKPOINTS, BLOBS, WRITES, TOMBSTONES, COMPACTIONS, TOUCHES)
 TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 #: The materialized view of the latest checkpoint per (thread_id, checkpoint_ns).
@@ -177,3 +198,5 @@ def mapping_name(table: str) -> str:
 SCOPE_THREAD = "thread"
 SCOPE_RUN = "run"
 SCOPE_CHECKPOINT = "checkpoint"
+#: a thread that outlived the ttl option: conditional on no racing write (engine/kql.py)
+SCOPE_EXPIRE = "expire"

@@ -51,7 +51,7 @@ import anyio
 import orjson
 
 from .errors import ConfigError, SpoolError
-from .records import BlobRec, CheckpointRec, Record, TombstoneRec, WriteRec, b64decode, b64encode, json_bytes
+from .records import BlobRec, CheckpointRec, Record, TombstoneRec, TouchRec, WriteRec, b64decode, b64encode, json_bytes
 
 try:  # pragma: no cover - platform
     import fcntl
@@ -93,6 +93,8 @@ def encode_records(records: list[Record]) -> bytes:
                 "w", r.thread_id, r.checkpoint_ns, r.checkpoint_id, r.task_id, r.task_path, r.idx,
                 r.channel, r.payload_type, b64encode(r.payload), r.written_at,
             ])
+        elif isinstance(r, TouchRec):
+            out.append(["r", r.thread_id, r.checkpoint_ns, r.checkpoint_id, r.written_at])
         else:
             out.append(["t", r.scope, r.thread_id, r.checkpoint_ns, r.checkpoint_id, r.run_id, r.deleted_at])
     return orjson.dumps(out)
@@ -114,6 +116,8 @@ def decode_records(payload: bytes) -> list[Record]:
             out.append(WriteRec(*item[1:9], b64decode(item[9]), item[10]))
         elif kind == "t":
             out.append(TombstoneRec(*item[1:7]))
+        elif kind == "r":
+            out.append(TouchRec(*item[1:5]))
         else:
             raise ValueError(f"unknown spool record kind {kind!r}")
     return out

@@ -48,6 +48,7 @@ _GAUGES = (
     (names.OVERLAY_ROWS, "{record}", "Records in the read overlay (accepted, not yet visible in the backend)"),
     (names.OVERLAY_BYTES, "By", "Bytes in the read overlay"),
     (names.TOMBSTONES_PENDING, "{tombstone}", "Tombstones whose rows are not yet compacted"),
+    (names.OLDEST_LIVE_AGE, "s", "Age of the oldest live thread's last activity, as this process's last expiry pass saw it (ttl)"),
 )
 
 
@@ -141,6 +142,14 @@ class _MeterInstruments:
             names.FORKS, unit="{fork}",
             description="Checkpoints seen becoming their parent's second child, by how they were seen "
             "(put: written here from an older parent; read: a sibling of the one written here)",
+        )
+        self.expired_threads = meter.create_counter(
+            names.EXPIRED_THREADS, unit="{thread}",
+            description="Threads deleted by expiry (ttl) in this process's expiry passes",
+        )
+        self.rows_removed = meter.create_counter(
+            names.ROWS_REMOVED, unit="{row}",
+            description="Rows compaction removed physically, by table (db.collection.name)",
         )
         self.backpressure_wait = meter.create_histogram(
             names.BACKPRESSURE_WAIT, unit="s",
@@ -305,6 +314,8 @@ class Instruments:
         self.backpressure_wait = shared.backpressure_wait
         self.compaction_failures = shared.compaction_failures
         self.forks = shared.forks
+        self.expired_threads = shared.expired_threads
+        self.rows_removed = shared.rows_removed
         self.visibility_lag = shared.visibility_lag
 
     @classmethod

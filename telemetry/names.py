@@ -75,13 +75,16 @@ VISIBILITY_LAG = "kusto_checkpoint.visibility.lag"
 TOMBSTONES_PENDING = "kusto_checkpoint.tombstones.pending"
 COMPACTION_FAILURES = "kusto_checkpoint.compaction.failures"
 FORKS = "kusto_checkpoint.forks"
+EXPIRED_THREADS = "kusto_checkpoint.expiry.threads"
+ROWS_REMOVED = "kusto_checkpoint.compaction.rows"
+OLDEST_LIVE_AGE = "kusto_checkpoint.expiry.oldest_live_age"
 
 #: every metric, in the order of the table in docs/telemetry.md
 METRICS = (
     OPERATION_DURATION, MAILBOX_DEPTH, MAILBOX_CAPACITY, BATCH_ROWS, BATCH_BYTES, INGEST_DURATION,
     INGEST_BATCHES, INGEST_RETRIES, QUERY_DURATION, ACTOR_RESTARTS, BACKPRESSURE_WAIT, BUFFERED_BYTES,
     OVERLAY_ROWS, OVERLAY_BYTES, CACHE_REQUESTS, VISIBILITY_LAG, TOMBSTONES_PENDING, COMPACTION_FAILURES,
-    FORKS,
+    FORKS, EXPIRED_THREADS, ROWS_REMOVED, OLDEST_LIVE_AGE,
 )
 
 # -- spans -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any
 
 import anyio
@@ -31,12 +32,16 @@ from ..messages import (
     DeleteRuns,
     DeleterState,
     DeleteThreads,
+    Expire,
+    Forget,
     Prune,
     Put,
     Read,
     ReadSpec,
     Ticket,
+    Touch,
 )
+from . import expiry
 from ..records import (
     BlobRec,
     CheckpointRec,
@@ -57,9 +62,12 @@ from ..schema import (
     COMPACTION_DONE,
     COMPACTION_LEASE,
     COMPACTIONS,
+    EXPIRY_LEASE,
     SCOPE_CHECKPOINT,
+    SCOPE_EXPIRE,
     SCOPE_RUN,
     SCOPE_THREAD,
+    TOUCHES,
     WRITES,
 )
 
@@ -115,11 +123,15 @@ class Deleter(Actor):
     state: DeleterState
 
     _compacting = False
+    _expiring = False
 
     async def on_start(self) -> None:
         assert self.tg is not None
-        if self.runtime.config.compaction_interval > 0:
-            self.tg.start_soon(self._compaction_ticker)
+        cfg = self.runtime.config
+        if cfg.compaction_interval > 0:
+            self.tg.start_soon(self._ticker, Compact, cfg.compaction_interval)
+        if cfg.expiry_every is not None:
+            self.tg.start_soon(self._ticker, Expire, cfg.expiry_every)
         # requests whose child task died with the previous incarnation: run them again
         # (both are idempotent: a second tombstone or copy of a row reads as one)
         for msg in list(self.state.running.values()):
@@ -152,6 +164,14 @@ class Deleter(Actor):
             if not self._compacting:
                 self._compacting = True
                 self.tg.start_soon(self._compact, True)
+        elif isinstance(msg, Expire):  # the ticker's: leased
+            if not self._expiring:
+                self._expiring = True
+                self.tg.start_soon(self._expire, True)
+        elif isinstance(msg, Touch):
+            rec = expiry.touch(self.runtime, self.state, msg.thread_id, msg.checkpoint_ns, msg.checkpoint_id)
+            if rec is not None:  # fire and forget: a lost touch only shortens a life by ttl / 10
+                self.tg.start_soon(self._write, [rec], self.runtime.reply())
         else:  # pragma: no cover - programming error
             raise TypeError(f"deleter got {msg!r}")
 
@@ -162,7 +182,10 @@ class Deleter(Actor):
         then honours them."""
         await self._write(list(tombs), reply, tombstones=True)
 
-    async def _write(self, records: list[Record], reply: Any, *, tombstones: bool = False, update_views: bool = True) -> None:
+    async def _write(
+        self, records: list[Record], reply: Any, *, tombstones: bool = False, update_views: bool = True,
+        ingested: bool = False,
+    ) -> None:
         """Hand records to the batcher. ``reply`` is answered once they are accepted, or
         with durability="ingested" once the backend acknowledged them (or failed), by
         the batcher and the ingestor: nothing here waits, so a crash of this actor after
@@ -171,7 +194,7 @@ class Deleter(Actor):
         if not records:
             reply.set(None)
             return
-        if rt.config.durability == "ingested":
+        if ingested or rt.config.durability == "ingested":
             done = reply
             put = make_put(rt, records, None, ticket_reply=reply, update_views=update_views)
         else:
@@ -274,18 +297,47 @@ class Deleter(Actor):
     # deleted is compacted, also after restarts. A soft delete is idempotent: a pass cut
     # short is simply repeated. Tombstones keep reads correct meanwhile.
 
-    async def _compaction_ticker(self) -> None:
-        interval = self.runtime.config.compaction_interval
+    async def _ticker(self, message: type, interval: float) -> None:
         # replicas start together: spread their ticks over the interval
         await anyio.sleep(random.uniform(0.5, 1.0) * interval)
-        while self.state.compaction_off is None:
+        while self.state.compaction_off is None or message is Expire:
             try:
-                self.mailbox.send_nowait(Compact())
+                self.mailbox.send_nowait(message())
             except anyio.WouldBlock:
                 pass
             except Exception:  # noqa: BLE001 - closed: stopping
                 return
             await anyio.sleep(interval)
+
+    async def _expire(self, leased: bool = False) -> int:
+        """One expiry pass (engine/actors/expiry.py); leased when the ticker asks."""
+        rt = self.runtime
+        try:
+            # a store one process owns (the embedded one) needs no lease
+            if leased and not getattr(rt.backend, "exclusive", False):
+                every = rt.config.expiry_every
+                assert every is not None
+                if await expiry.take_lease(rt, self.state.owner, EXPIRY_LEASE, every) is None:
+                    return 0
+            return await expiry.expire_pass(rt, self.state, self._expire_write)
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            log.warning("expiry pass failed (retried in %ss): %r", rt.config.expiry_every, exc)
+            if not leased:
+                raise
+            return 0
+        finally:
+            self._expiring = False
+
+    async def _expire_write(self, tombs: list[TombstoneRec]) -> None:
+        """Write expiries and return once the backend holds them; then the query cache
+        forgets what it kept of those threads (a read between the hand-over and the
+        ingestion may have cached the thread as it was: an expiry is the backend's to
+        decide, engine/kql.py)."""
+        rt = self.runtime
+        reply = rt.reply()
+        await self._write(list(tombs), reply, tombstones=True, ingested=True)
+        await reply.wait()
+        await rt.mailbox("cache").send(Forget([t.thread_id for t in tombs]))
 
     async def _compact(self, leased: bool = False) -> None:
         rt = self.runtime
@@ -312,49 +364,52 @@ class Deleter(Actor):
             self._compacting = False
 
     async def _take_lease(self) -> int | None:
-        """Claim this term's compaction; the term if this engine won it, else None. A
-        claim of the last half interval (this term's, the previous term's late one, or
-        a long pass's renewal) means another process compacts or just did. Claims that
-        race are all visible after ``compaction_lease_settle``, and everyone picks the
-        same winner."""
+        """This term's compaction lease (:func:`.expiry.take_lease`), or None."""
         rt = self.runtime
-        cfg = rt.config
-        now = now_us()
-        span = max(1, int(cfg.compaction_interval * 1_000_000))
-        term = now // span
-        since = {"since": us_to_datetime(now - span // 2)}
-        if await rt.backend.query(kql.LEASE_QUERY, since):
-            return None
-        me = self.state.owner
-        await rt.backend.ingest(COMPACTIONS.name, [_compaction_row(COMPACTION_LEASE, me, term, None, now)])
-        await anyio.sleep(cfg.compaction_lease_settle)
-        owners = [r["owner"] for r in await rt.backend.query(kql.LEASE_QUERY, since) if r["term"] == term]
-        return term if owners and min(owners) == me else None
+        return await expiry.take_lease(rt, self.state.owner, COMPACTION_LEASE, rt.config.compaction_interval)
 
     async def _compact_pass(self, term: int | None = None) -> None:
         """Compact every pending tombstone, a batch at a time. ``term``: the lease this
-        pass holds; it is renewed before each further batch, so a pass longer than half
-        the interval keeps other processes out."""
+        pass holds; it is renewed before a soft delete once a quarter interval has passed
+        since the last claim, so a pass longer than half the interval keeps other
+        processes out (as long as one soft delete takes under a quarter interval)."""
         rt = self.runtime
         st = self.state
         backend = rt.backend
         batch_size = rt.config.compaction_batch
         done_here: set[tuple[Any, ...]] = set()
+        claimed = time.monotonic()
+
+        async def renew() -> None:
+            nonlocal claimed
+            if term is not None and time.monotonic() - claimed > rt.config.compaction_interval / 4:
+                await backend.ingest(COMPACTIONS.name, [_compaction_row(COMPACTION_LEASE, st.owner, term, None, now_us())])
+                claimed = time.monotonic()
+
         while True:
             # 'done' rows written in this pass may not be queryable yet (queued ingestion):
             # ask for as many more as were done here, and skip those
-            rows = await backend.query(kql.pending_tombstones_query(batch_size + len(done_here)), {})
+            # an expiry waits a compaction interval past the ttl: a turn racing it has had
+            # that long to revive the thread (then its rows stay: REVIVED_QUERY)
+            grace = int(((rt.config.ttl or 0.0) + rt.config.compaction_interval) * 1_000_000)
+            params = {"expire_cutoff": us_to_datetime(now_us() - grace)}
+            rows = await backend.query(kql.pending_tombstones_query(batch_size + len(done_here)), params)
             batch = [t for t in map(_tombstone, rows) if _key(t) not in done_here][:batch_size]
             if not batch:
                 break
-            if term is not None and done_here:
-                await backend.ingest(COMPACTIONS.name, [_compaction_row(COMPACTION_LEASE, st.owner, term, None, now_us())])
-            for table in (CHECKPOINTS.name, WRITES.name, BLOBS.name):
-                text, params = kql.compaction_command(table, batch)
+            expiries = [t for t in batch if t.scope == SCOPE_EXPIRE]
+            revived: set[tuple[str, int]] = set()
+            if expiries:
+                tids = sorted({t.thread_id for t in expiries})
+                revived = {(r["thread_id"], to_micros(r["expired_at"])) for r in await backend.query(kql.REVIVED_QUERY, {"tids": tids})}
+            removable = [t for t in batch if t.scope != SCOPE_EXPIRE or (t.thread_id, t.deleted_at) not in revived]
+            for table in (CHECKPOINTS.name, WRITES.name, BLOBS.name, TOUCHES.name):
+                text, params = kql.compaction_command(table, removable)
                 if not text:
                     continue
+                await renew()
                 try:
-                    await backend.command(text, params)
+                    result = await backend.command(text, params)
                 except PermanentBackendError as exc:
                     if getattr(backend, "fabric", False):
                         raise CompactionUnsupported(
@@ -363,6 +418,11 @@ class Deleter(Actor):
                             "until the tables' retention policy removes them (docs/kusto.md)"
                         ) from exc
                     raise
+                removed = sum(int(r.get("RecordsMatchPredicate") or 0) for r in result or ())
+                st.rows_removed += removed
+                if removed:
+                    inst = rt.instruments
+                    inst.rows_removed.add(removed, inst.bound(names.TABLE, table))
             # the Tombstones rows themselves stay (their table's retention ages them
             # out): they keep hiding late duplicates of what was compacted
             at = now_us()
@@ -392,9 +452,10 @@ def _tombstone(row: dict[str, Any]) -> TombstoneRec:
 
 
 def _compaction_row(entry: str, owner: str, term: int, t: TombstoneRec | None, at: int) -> dict[str, Any]:
+    if t is None:
+        return expiry.lease_row(entry, owner, term, at)
     return {
         "entry": entry, "term": term, "owner": owner,
-        "scope": t.scope if t else "", "thread_id": t.thread_id if t else "",
-        "checkpoint_ns": t.checkpoint_ns if t else "", "checkpoint_id": t.checkpoint_id if t else "",
-        "run_id": t.run_id if t else "", "deleted_at": t.deleted_at if t else at, "written_at": at,
+        "scope": t.scope, "thread_id": t.thread_id, "checkpoint_ns": t.checkpoint_ns,
+        "checkpoint_id": t.checkpoint_id, "run_id": t.run_id, "deleted_at": t.deleted_at, "written_at": at,
     }

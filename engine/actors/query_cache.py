@@ -34,10 +34,10 @@ from .. import kql
 from ..actor import Actor
 from ..clock import ThreadClock
 from ..errors import BackendError
-from ..messages import Accept, Ingested, QueryDone, Read, ReadSpec
+from ..messages import Accept, Forget, Ingested, QueryDone, Read, ReadSpec
 from ..reads import checkpoint_from_row, values_from_rows
 from ..retry import retrying
-from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, WriteRec, newer_write, to_micros
+from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, TouchRec, WriteRec, newer_write, to_micros
 from ..schema import SCOPE_RUN
 
 
@@ -89,7 +89,7 @@ class Overlay:
             k = (rec.checkpoint_ns, rec.checkpoint_id, rec.task_id, rec.idx)
             old = per.get(k)
             per[k] = rec if old is None else newer_write(old, rec)
-        else:
+        elif isinstance(rec, TombstoneRec):
             self.tombs[seq] = rec
 
     def remove(self, seq: int) -> None:
@@ -100,6 +100,8 @@ class Overlay:
         self.nbytes -= rec.nbytes
         if isinstance(rec, TombstoneRec):
             self.tombs.pop(seq, None)
+            return
+        if isinstance(rec, TouchRec):
             return
         if isinstance(rec, CheckpointRec):
             index: dict[Any, Any] | None = self.ck.get(rec.thread_id)
@@ -219,6 +221,10 @@ class QueryCache(Actor):
                 self._query_done(msg)
         elif isinstance(msg, Ingested):
             self._ingested(msg)
+        elif isinstance(msg, Forget):
+            gone = set(msg.thread_ids)
+            for key in [k for k in self.views if k[0] in gone]:
+                del self.views[key]
         else:  # pragma: no cover - programming error
             raise TypeError(f"cache got {msg!r}")
 
@@ -292,6 +298,11 @@ class QueryCache(Actor):
         view = self.views.get(key)
         if view is None:
             return
+        if view.latest is None and rec.parent_checkpoint_id:
+            # a child of a checkpoint this view says is not there (a turn racing an
+            # expiry revives the thread: engine/kql.py): the backend decides
+            del self.views[key]
+            return
         if view.latest is not None and (rec.written_at, rec.checkpoint_id) <= (
             view.latest.written_at, view.latest.checkpoint_id
         ):
@@ -315,6 +326,9 @@ class QueryCache(Actor):
     def _view_write(self, rec: WriteRec) -> None:
         view = self.views.get((rec.thread_id, rec.checkpoint_ns))
         if view is None:
+            return
+        if view.latest is None:  # a write to a checkpoint this view says is not there
+            del self.views[(rec.thread_id, rec.checkpoint_ns)]
             return
         if view.latest is not None and view.latest.checkpoint_id == rec.checkpoint_id:
             target = view.writes

@@ -367,7 +367,9 @@ class EmbeddedBackend:
             n = cur.execute(sql, self._bound(tr, params)).fetchall()
         except duckdb.Error as exc:
             raise PermanentBackendError(f"command on the embedded store {self.path} failed: {_cause(exc)}") from exc
-        return [{"deleted": n[0][0] if n else 0}]
+        # the column Kusto's soft delete reports its count in (RecordsMatchPredicate:
+        # https://learn.microsoft.com/kusto/management/soft-delete-command)
+        return [{"TableName": table, "RecordsMatchPredicate": n[0][0] if n else 0}]
 
     # -- introspection used by tests and the load tool ----------------------
 
