@@ -20,12 +20,13 @@ import orjson
 
 from ..telemetry import Instruments, names
 from ..telemetry.instruments import capture
-from . import interpreter, kql
+from . import agent_state, interpreter, kql
 from .actor import Crash
 from .actors.batcher import Batcher, BatcherState, ticker
 from .actors.deleter import Deleter, make_put
 from .actors.ingestor import Ingestor, IngestorState
 from .actors.query_cache import Overlay, QueryCache
+from .agent_state import StateFunction
 from .backends.base import Backend
 from .clock import ThreadClock
 from .config import EngineConfig
@@ -420,6 +421,24 @@ class Engine:
             ov.inflight[epoch] -= 1
             if ov.inflight[epoch] <= 0:
                 del ov.inflight[epoch]
+
+    # -- agent state ---------------------------------------------------------
+
+    async def agent_state(self, function: StateFunction, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Ask the backend one agent-state question (engine/agent_state.py), after a flush:
+        the answer covers every row this process accepted before the call, and what other
+        processes had ingested."""
+        rt = self._check()
+        await self._flush()
+        limiter = rt.query_limiter
+        assert limiter is not None
+        text = agent_state.query(function)
+        async with limiter:
+            rows = await self.instruments.query(
+                capture(), names.SPAN_QUERY_STATE.format(function=function.name),
+                retrying(rt.config, lambda: rt.backend.query(text, params)),
+            )
+        return agent_state.plain_rows(function, rows)
 
     # -- deletes -----------------------------------------------------------
 

@@ -3,6 +3,7 @@ that run in the event loop hosting the engine."""
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from typing import Any
@@ -16,7 +17,8 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, agent_state
+from .engine.agent_state import StateFunction
 from .engine.backends.base import Backend
 from .engine.backends.embedded import EmbeddedBackend
 from .engine.errors import ConfigError, EngineClosedError
@@ -296,6 +298,81 @@ class KustoSaverBase(BaseCheckpointSaver[str]):
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         await self._in_loop(self._inst.timed, "prune", self._prune, thread_ids, strategy)
+
+    # -- agent state: the stored functions' questions (docs/agent-state.md) -----
+
+    async def _state(self, function: StateFunction, params: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.engine.agent_state(function, params)
+
+    def threads(self) -> list[dict[str, Any]]:
+        """Live threads, most recently active first: ``thread_id, first_at, last_at,
+        checkpoints, namespaces, steps, runs, bytes`` (``LangGraphThreads()``)."""
+        return self._blocking(self._inst.timed, "threads", self._state, agent_state.THREADS, {})  # type: ignore[no-any-return]
+
+    async def athreads(self) -> list[dict[str, Any]]:
+        return await self._in_loop(self._inst.timed, "threads", self._state, agent_state.THREADS, {})  # type: ignore[no-any-return]
+
+    def thread_history(self, thread_id: str) -> list[dict[str, Any]]:
+        """One thread's visible checkpoints, oldest first: ``checkpoint_ns, checkpoint_id,
+        parent_checkpoint_id, step, source, run_id, written_at, writes, write_channels``
+        (``LangGraphThreadHistory(thread)``)."""
+        params = {"thread": _ids([thread_id], "thread_id")[0]}
+        return self._blocking(self._inst.timed, "thread_history", self._state, agent_state.THREAD_HISTORY, params)  # type: ignore[no-any-return]
+
+    async def athread_history(self, thread_id: str) -> list[dict[str, Any]]:
+        params = {"thread": _ids([thread_id], "thread_id")[0]}
+        return await self._in_loop(self._inst.timed, "thread_history", self._state, agent_state.THREAD_HISTORY, params)  # type: ignore[no-any-return]
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Runs, oldest first: ``thread_id, run_id, started_at, ended_at, duration,
+        checkpoints, steps, outcome`` (``"error"``, ``"interrupted"`` or ``"ok"``;
+        ``LangGraphRuns()``)."""
+        return self._blocking(self._inst.timed, "runs", self._state, agent_state.RUNS, {})  # type: ignore[no-any-return]
+
+    async def aruns(self) -> list[dict[str, Any]]:
+        return await self._in_loop(self._inst.timed, "runs", self._state, agent_state.RUNS, {})  # type: ignore[no-any-return]
+
+    def forks(self) -> list[dict[str, Any]]:
+        """Checkpoints with two or more visible children: ``thread_id, checkpoint_ns,
+        checkpoint_id, children, child_ids`` (``LangGraphForks()``)."""
+        return self._blocking(self._inst.timed, "forks", self._state, agent_state.FORKS, {})  # type: ignore[no-any-return]
+
+    async def aforks(self) -> list[dict[str, Any]]:
+        return await self._in_loop(self._inst.timed, "forks", self._state, agent_state.FORKS, {})  # type: ignore[no-any-return]
+
+    def storage(self) -> list[dict[str, Any]]:
+        """Stored rows and payload size per thread, table and channel: ``thread_id,
+        table_name, channel, rows, bytes`` (``LangGraphStorage()``)."""
+        return self._blocking(self._inst.timed, "storage", self._state, agent_state.STORAGE, {})  # type: ignore[no-any-return]
+
+    async def astorage(self) -> list[dict[str, Any]]:
+        return await self._in_loop(self._inst.timed, "storage", self._state, agent_state.STORAGE, {})  # type: ignore[no-any-return]
+
+    def expiring(self, ttl: dt.timedelta | float | None = None) -> list[dict[str, Any]]:
+        """Live threads by when ``ttl`` (default: the saver's ``ttl`` option) would
+        expire them, soonest first: ``thread_id, last_at, expires_at``
+        (``LangGraphExpiring(ttl)``)."""
+        params = {"ttl": self._ttl_param(ttl)}
+        return self._blocking(self._inst.timed, "expiring", self._state, agent_state.EXPIRING, params)  # type: ignore[no-any-return]
+
+    async def aexpiring(self, ttl: dt.timedelta | float | None = None) -> list[dict[str, Any]]:
+        params = {"ttl": self._ttl_param(ttl)}
+        return await self._in_loop(self._inst.timed, "expiring", self._state, agent_state.EXPIRING, params)  # type: ignore[no-any-return]
+
+    def _ttl_param(self, ttl: dt.timedelta | float | None) -> dt.timedelta:
+        if ttl is None:
+            if self.engine.config.ttl is None:
+                raise ConfigError("expiring() needs a ttl: pass one, or open the saver with the ttl option")
+            return dt.timedelta(seconds=self.engine.config.ttl)
+        if isinstance(ttl, dt.timedelta):
+            seconds = ttl.total_seconds()
+        elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            seconds = float(ttl)
+        else:
+            raise ConfigError(f"ttl must be a timedelta or seconds, got {type(ttl).__name__}")
+        if not seconds > 0 or seconds == float("inf"):
+            raise ConfigError(f"ttl must be a positive duration, got {ttl!r}")
+        return dt.timedelta(seconds=seconds)
 
     # -- construction on either store ----------------------------------------
 

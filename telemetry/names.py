@@ -102,6 +102,8 @@ METRICS = (
 SPAN_INGEST = "ingest {table}"
 SPAN_QUERY_CHECKPOINTS = "query Checkpoints"
 SPAN_QUERY_VALUES = "query values"
+#: an agent-state question (engine/agent_state.py), named after its stored function
+SPAN_QUERY_STATE = "query {function}"
 SPAN_ACTOR = "{actor} {message}"
 
 #: links per ingest span: the SDK's default span link limit (OTEL_SPAN_LINK_COUNT_LIMIT)

@@ -50,6 +50,8 @@ Supported
           <| [declare query_parameters(...);] T | where ... (where/extend/project only)
       .execute database script [with (ContinueOnErrors=true)] <| one command per line
           starting with '.' (answers Completed/Failed/Skipped per command, like Kusto)
+      .create|.create-or-alter|.alter function [with (folder=.., docstring=..)] F(params) { body }
+          (stored for this endpoint's queries through duckdb-kql; the body is validated)
       .clear database|table T cache streamingingestion schema
           (ends the emulated schema-cache delay: ``schema_cache_seconds``)
       .get ingestion resources | .get kusto identity token
@@ -97,7 +99,7 @@ then a request without one is refused with 401; ``tls=True`` serves https with a
 self-signed certificate, PEM at ``ca_file``), queued ingestion without Azurite, ingestion
 from blob URLs on the streaming route,
 CSV/Avro/Parquet ingestion, update policies, ``materialized_view()``, progressive/streaming
-v2 responses, ``.show operations``, extents, purge, functions, and retention/caching policies
+v2 responses, ``.show operations``, extents, purge, ``.show``/``.drop`` of functions, and retention/caching policies
 having any effect. DuckDB folds identifier case, so two tables differing only in case
 collide. Dynamic literals in parameters must contain JSON (no single-quoted strings).
 Error codes and messages imitate Kusto's but are not byte-for-byte Kusto's.
@@ -1697,6 +1699,44 @@ class LoopbackKusto:
                                                                   or "string"),
                                               c.data_type, c.column_type) for c in columns], rows))
 
+    # stored functions --------------------------------------------------------------
+
+    def _cmd_create_function(self, m: re.Match[str], _p: Any) -> dict[str, Any]:
+        """``.create|.create-or-alter|.alter function [with (...)] Name(params) { body }``:
+        stored for this database's queries (duckdb-kql's stored functions). As Kusto
+        (https://learn.microsoft.com/kusto/management/create-alter-function): ``.create``
+        of an existing name fails, ``.alter`` of a missing one fails, the body is
+        validated (here: translated, its parameters declared) unless
+        ``skipvalidation``, and the answer is the function's row of ``.show functions``."""
+        from duckdb_kql.stored_functions import parse_functions
+
+        verb = m.group("verb").lower()
+        parsed = parse_functions([m.string])
+        assert parsed is not None
+        (name, function), = parsed[None].items()
+        assert self._httpd is not None
+        current = dict((self._httpd.functions or {}).get(None, {}))
+        if verb == "create" and name in current:
+            raise KustoRequestError(f"Function '{name}' already exists", code="BadRequest_EntityAlreadyExists")
+        if verb == "alter" and name not in current:
+            raise _not_found("Function", name)
+        params = function.parameters.strip()[1:-1].strip()
+        body = function.body.strip()[1:-1]
+        if "skipvalidation" not in m.string.lower():
+            declared = f"declare query_parameters({params});\n" if params else ""
+            tables = _duck_schema(self.con)
+            key = (declared + body, repr(sorted(tables.items())))
+            if key not in _VALID_FUNCTIONS:  # the same definition on the same tables: checked once
+                duckdb_kql.to_sql(declared + body, schema=tables)
+                _VALID_FUNCTIONS.add(key)
+        current[name] = function
+        self._httpd.functions = {**(self._httpd.functions or {}), None: current}
+        columns = _COMMAND_SCHEMA[".show functions"]
+        values = {"Name": name, "Parameters": function.parameters, "Body": function.body,
+                  "Folder": function.folder, "DocString": function.docstring}
+        return v1_response(Result([RestColumn(c.name, c.column_type or "string", c.data_type, c.column_type)
+                                   for c in columns], [[values[c.name] for c in columns]]))
+
     # soft delete ------------------------------------------------------------------
 
     def _cmd_delete_records(self, m: re.Match[str], parameters: Any) -> dict[str, Any]:
@@ -1948,6 +1988,11 @@ def _bare_name(text: str) -> tuple[str, int]:
 _WITH = r"""\s*with\s*\((?P<with>(?:[^()'"]|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")*)\)"""
 
 
+#: function definitions (with the tables they were checked on) that translated: every
+#: endpoint a test suite starts is provisioned with the same ones
+_VALID_FUNCTIONS: set[tuple[str, str]] = set()
+
+
 def _rx(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern.replace("NAME", _NAME).replace("WITH", _WITH), re.I | re.S)
 
@@ -1977,6 +2022,8 @@ _COMMANDS: list[tuple[re.Pattern[str], Any]] = [
     (_rx(r"\.show\s+materialized-views?(?:\s+(?P<name>NAME))?$"), LoopbackKusto._cmd_show_views),
     (_rx(r"\.drop\s+materialized-view\s+(?P<name>NAME)(?P<ifexists>\s+ifexists)?$"),
      LoopbackKusto._cmd_drop_view),
+    (_rx(r"\.(?P<verb>create|create-or-alter|alter)\s+function\b.*\}$"),
+     LoopbackKusto._cmd_create_function),
     (_rx(r"\.show\s+tables$"), LoopbackKusto._cmd_show_tables),
     (_rx(r"\.show\s+databases$"), LoopbackKusto._cmd_show_databases),
     (_rx(r"\.show\s+version$"), LoopbackKusto._cmd_show_version),
