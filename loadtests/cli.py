@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from langgraph.checkpoint.kusto.engine.backends.kusto import INGEST_MODES
 
 from ..engine.errors import KustoCheckpointError
-from . import reports, runner
+from . import agent_state, reports, runner
 from .display import mib, num, progress_display, table, xr
 from .inject import InjectSpecError, parse_inject
 from .workloads import PAYLOAD_SIZE, WORKLOADS
@@ -387,6 +387,8 @@ def _format_saver(r: dict[str, Any], res: dict[str, Any]) -> list[str]:
         where = store["path"] + (" [temporary, removed]" if store.get("temporary") and not res.get("workdir") else "")
         rows = ", ".join(f"{k} {n}" for k, n in (store.get("rows") or {}).items())
         lines.append(f"  store: {where}, {mib(store['file_bytes'])}" + (f"; rows: {rows}" if rows else ""))
+    if store.get("agent_state"):
+        lines.extend(agent_state.lines(store["agent_state"]))
     for w in r.get("store_warnings") or []:
         lines.append(f"  WARNING: {w}")
     eng = r.get("engine")

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from . import agent_state
 from . import workloads as wl
 from .inject import InjectSpec, parse_inject
 from .metrics import Latencies, RecordingBackend, time_saver_calls
@@ -397,9 +398,13 @@ class KustoTarget(Target):
         from langgraph.checkpoint.kusto.engine.schema import BLOBS, CHECKPOINTS, WRITES
 
         if self.path is None:
-            return {"cluster": self.cfg.cluster_uri, "database": self.cfg.database, "existed": True}
+            return {
+                "cluster": self.cfg.cluster_uri, "database": self.cfg.database, "existed": True,
+                "agent_state": await agent_state.summarize(saver),
+            }
         rows = {t.name: await saver.backend.count_rows(t.name) for t in (CHECKPOINTS, BLOBS, WRITES)}
         return {
+            "agent_state": await agent_state.summarize(saver),
             "path": self.path,
             "temporary": self.path != self.cfg.store,
             "existed": self.existed,

@@ -189,12 +189,17 @@ def thread_config(thread_id: str) -> dict[str, Any]:
 OnStep = Callable[[float], None]
 
 
+def run_config(thread_id: str, step: int) -> dict[str, Any]:
+    """Each invocation is one run, its id in the checkpoints' metadata, as LangGraph's
+    server records it (what ``delete_for_runs`` and the ``runs()`` question read)."""
+    return {**thread_config(thread_id), "metadata": {"run_id": f"{thread_id}:run-{step}"}}
+
+
 async def graph_agent(graph: Any, thread_id: str, steps: int, on_step: OnStep | None = None) -> None:
-    cfg = thread_config(thread_id)
     clock = time.perf_counter
     for step in range(steps):
         t0 = clock()
-        await graph.ainvoke(graph_input(thread_id, step), cfg)
+        await graph.ainvoke(graph_input(thread_id, step), run_config(thread_id, step))
         if on_step is not None:
             on_step(clock() - t0)
 

@@ -43,6 +43,14 @@ def test_tiny_workload_with_baselines_verifies(workload: str) -> None:
     assert ours["store"]["rows"]["Checkpoints"] == agents * per_thread
     assert ours["engine"]["batches_failed"] == 0 and ours["engine"]["rows_in"] > 0
     assert ours["store_warnings"] == []
+    # the agent-state questions, asked of the store the run wrote
+    state = ours["store"]["agent_state"]
+    assert (state["threads"], state["checkpoints"]) == (agents, agents * per_thread)
+    runs = agents * steps if workload == "graph" else 0  # each graph invocation is a run
+    assert (state["runs"], state["outcomes"], state["forks"]) == (runs, {"ok": runs} if runs else {}, 0)
+    assert set(state["seconds"]) == {"threads", "runs", "forks", "storage", "expiring", "thread_history"}
+    assert state["history_rows"] == per_thread and sum(state["bytes_by_table"].values()) > 0
+    assert f"agent state: {agents} threads, {agents * per_thread} checkpoints, {runs} runs" in text
     for base in ("memory", "memory-yield", "sqlite"):
         assert res["comparison"][base]["ops_per_s_ratio"] > 0
     assert res["workdir"] is None  # temporary store removed
