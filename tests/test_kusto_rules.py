@@ -288,13 +288,14 @@ async def test_mapping_not_found_is_retried_for_a_bounded_time_after_provisionin
     """If clearing the cache fails on a node, setup warns, and the saver retries a 'mapping
     not found' for ``schema_cache_grace`` seconds after provisioning; after that it is the
     permanent error it is."""
-    async with LoopbackKusto(database=DB, schema_cache_seconds=0.6) as srv:
+    # the schema cache outlasts the rest of provisioning (functions, policies) after the mapping
+    async with LoopbackKusto(database=DB, schema_cache_seconds=3.0) as srv:
         srv.schema_cache_clear_failures = 3
         backend = KustoBackend(srv.uri, DB)
         report = await backend.setup(create=True)
         assert report.ok and any("streamingingestion schema" in w for w in report.warnings), report
         saver = AsyncKustoSaver(backend, flush_interval=0.01, retry_backoff=0.1, retry_backoff_max=0.3,
-                                max_retries=20)
+                                max_retries=40)
         async with saver:
             cfg = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
             await saver.aput(cfg, empty_checkpoint(), {"step": 1}, {})

@@ -345,7 +345,8 @@ class Deleter(Actor):
             if self.state.compaction_off is not None:
                 return
             term = None
-            if leased:
+            # a store one process owns (the embedded one) needs no lease, nor its settle wait
+            if leased and not getattr(rt.backend, "exclusive", False):
                 term = await self._take_lease()
                 if term is None:
                     return
