@@ -179,6 +179,7 @@ def check_kql(
     tables: dict[str, list[tuple[str, str]]] | None = None,
     *,
     views: dict[str, dict[str, str]] | None = None,
+    functions: list[dict[str, str]] | None = None,
     database: str = "db",
     analyzers: bool = False,
     timeout: float = 300.0,
@@ -193,6 +194,9 @@ def check_kql(
     ``tables`` defaults to engine/schema.py. ``views`` defaults to the
     materialized views in provision.kql (``{name: {"query": ...}}``; their
     columns come from binding the query). Pass ``views={}`` to declare none.
+    ``functions`` declares stored functions in the database, each
+    ``{"name": ..., "parameters": "x:string", "body": ...}`` as ``.create function``
+    would define it; a call binds through the function's body.
     Raises ``RuntimeError`` if Node or the npm package is missing, or if the
     checker rejects its input.
     """
@@ -211,6 +215,7 @@ def check_kql(
         "materialized_views": {
             v: {k: spec[k] for k in ("query", "columns") if k in spec} for v, spec in views.items()
         },
+        "functions": list(functions or []),
         "analyzers": analyzers,
         "items": [{"name": name, "text": text} for name, text in items],
     }

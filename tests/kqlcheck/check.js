@@ -12,6 +12,10 @@
 //       "V": {"query": "T | summarize arg_max(x, *) by k",
 //             "columns": [["col", "type"], ...]}         // optional: derived from query
 //     },
+//     "functions": [                                     // optional: stored functions, as
+//       {"name": "F", "parameters": "x:string",          // `.create function F(x:string)
+//        "body": "T | where c == x"}, ...             //  { T | where c == x }` defines them
+//     ],
 //     "analyzers": false,                                // optional: also run the editor's
 //                                                        // analyzers (style hints, severity
 //                                                        // usually Warning/Suggestion)
@@ -36,6 +40,7 @@
 //   new Kusto.Language.Symbols.ColumnSymbol(name, type, description, originalColumns, source, examples)
 //   new Kusto.Language.Symbols.TableSymbol.$ctor4(name, columns[])
 //   new Kusto.Language.Symbols.MaterializedViewSymbol.$ctor2(name, columns, query, description)
+//   new Kusto.Language.Symbols.FunctionSymbol.$ctor16(name, "(params)", "{ body }", description)
 //   new Kusto.Language.Symbols.DatabaseSymbol.ctor(name, members[])
 //   Kusto.Language.GlobalState.Default.WithDatabase(database)
 //   Kusto.Language.KustoCode.ParseAndAnalyze(text, globals) -> code
@@ -147,6 +152,19 @@ function main() {
       }
       members.push(new S.MaterializedViewSymbol.$ctor2(name, cols, spec.query, null));
     }
+  }
+
+  // Stored functions: Kusto.Language binds a call by binding the function's body (as
+  // the database's own functions are bound in the editors); a function's result
+  // schema is the result of its body. FunctionSymbol(name, "(params)", "{ body }").
+  const functions = input.functions || [];
+  if (!Array.isArray(functions)) fail('"functions" must be a list of {name, parameters, body}');
+  for (const f of functions) {
+    if (!f || typeof f.name !== "string" || typeof f.body !== "string") {
+      fail(`bad function ${JSON.stringify(f)}: expected {name, parameters, body}`);
+    }
+    const params = typeof f.parameters === "string" ? f.parameters : "";
+    members.push(new S.FunctionSymbol.$ctor16(f.name, `(${params})`, `{\n${f.body}\n}`, null));
   }
 
   const globals = L.GlobalState.Default.WithDatabase(new S.DatabaseSymbol.ctor(dbName, members));
