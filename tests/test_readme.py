@@ -10,7 +10,8 @@ builtin). A ```` ```bash ```` block must parse (``bash -n``), and every load-too
 command in it must parse with the tool's own argument parser. A
 ```` ```text ```` block (a diagram, sample output) is not run. A ```` ```kql ````
 block (a query to run against the database) parses and binds in Kusto.Language
-against the schema provision.kql creates (and tests that use it run it).
+against the schema provision.kql creates, its stored functions included (and tests that use
+it run it).
 """
 
 from __future__ import annotations
@@ -165,7 +166,11 @@ def test_kql_block_parses_and_binds(where: str, code: str) -> None:
 
     if not node_available():
         pytest.skip(NODE_MISSING_REASON)
-    diagnostics = errors(check_kql([(where, code)])[where])
+    from langgraph.checkpoint.kusto.engine import agent_state
+
+    # the database provision.kql creates holds the agent-state functions too
+    functions = [{"name": f.name, "parameters": f.params, "body": f.body} for f in agent_state.FUNCTIONS]
+    diagnostics = errors(check_kql([(where, code)], functions=functions)[where])
     assert not diagnostics, format_diagnostics(code, diagnostics)
 
 
