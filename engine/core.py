@@ -32,7 +32,7 @@ from .clock import ThreadClock
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError, PutTimeoutError, UsageError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec, Touch
-from .reads import checkpoint_from_row, delta_walk, values_from_rows
+from .reads import checkpoint_from_row, delta_walk, flagged, values_from_rows
 from .records import BlobRec, Bundle, CheckpointRec, Record, WriteRec, newer_write, now_us
 from .retry import retrying
 from .runtime import Runtime
@@ -91,7 +91,7 @@ class Engine:
                 stack.callback(setting.release, value)
             await self.backend.open()
             stack.push_async_callback(self.backend.close)
-            rt = Runtime(cfg, self.backend, self.instruments)
+            rt = Runtime(cfg, self.backend, self.instruments, expiries=cfg.ttl is not None)
             rt.clock = self.clock
             rt.query_limiter = anyio.CapacityLimiter(cfg.query_concurrency)
             for name in ACTORS:
@@ -382,8 +382,13 @@ class Engine:
             async with limiter:
                 rows = await self.instruments.query(
                     capture(), names.SPAN_QUERY_VALUES,
-                    retrying(rt.config, lambda: rt.backend.query(kql.DELTA_HISTORY_QUERY, params)),
+                    retrying(rt.config, lambda: rt.backend.query(kql.delta_history_query(rt.expiries), params)),
                 )
+                if flagged(rt, rows):  # an expiry: ask again with the rule that decides it
+                    rows = await self.instruments.query(
+                        capture(), names.SPAN_QUERY_VALUES,
+                        retrying(rt.config, lambda: rt.backend.query(kql.delta_history_query(True), params)),
+                    )
             heads: dict[str, CheckpointRec] = {}
             value_rows = []
             for r in rows:

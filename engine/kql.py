@@ -68,7 +68,23 @@ let dead_threads = union
     (expiries | join kind=leftanti revived on thread_id, expired_at | project thread_id, deleted_at = expired_at)
 | summarize thread_deleted_at = max(deleted_at) by thread_id;
 let dead_checkpoints = tomb | where scope == "{SCOPE_CHECKPOINT}" | summarize checkpoint_deleted_at = max(deleted_at) by thread_id, checkpoint_ns, checkpoint_id;
-let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;"""
+let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;
+let expiry_flags = tomb | where false | project thread_id, expiry_ = true;"""
+
+#: The same lets without the expiry rule, for a database that has no expiries (most:
+#: the ttl option is off): deciding whether a racing row revived an expired thread costs
+#: four joins, about half again the time of an embedded read (docs/retention.md). An
+#: expiry among the threads read comes back as an ``expiry_flags`` row (``expiry_`` true): the
+#: engine then asks again with :data:`_TOMBSTONE_LETS`, and from then on always does.
+_TOMBSTONE_LETS_NO_EXPIRY = f"""let tomb = {TOMBSTONES.name} | where all_threads or thread_id in (tids) or scope == "{SCOPE_RUN}";
+let dead_threads = tomb | where scope == "{SCOPE_THREAD}" | summarize thread_deleted_at = max(deleted_at) by thread_id;
+let dead_checkpoints = tomb | where scope == "{SCOPE_CHECKPOINT}" | summarize checkpoint_deleted_at = max(deleted_at) by thread_id, checkpoint_ns, checkpoint_id;
+let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;
+let expiry_flags = tomb | where scope == "{SCOPE_EXPIRE}" | distinct thread_id | project thread_id, expiry_ = true;"""
+
+
+def _lets(expiries: bool) -> str:
+    return _TOMBSTONE_LETS if expiries else _TOMBSTONE_LETS_NO_EXPIRY
 
 _CHECKPOINTS_PARAMS = (
     "tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string, "
@@ -119,7 +135,7 @@ def _metadata_filter(pairs: int) -> str:
 """
 
 
-def checkpoints_query(limit: int | None, with_values: bool, metadata_pairs: int = 0) -> str:
+def checkpoints_query(limit: int | None, with_values: bool, metadata_pairs: int = 0, expiries: bool = True) -> str:
     """Visible checkpoints (deduplicated, tombstones honoured), newest first, with
     the threads' deletion times (:data:`_FLOORS`).
 
@@ -134,7 +150,7 @@ def checkpoints_query(limit: int | None, with_values: bool, metadata_pairs: int 
     declared = _CHECKPOINTS_PARAMS + "".join(f", mk{i}:string, mv{i}:string" for i in range(metadata_pairs))
     source = "visible | join kind=inner matched on thread_id, checkpoint_ns, checkpoint_id" if metadata_pairs else "visible"
     text = f"""declare query_parameters({declared});
-{_TOMBSTONE_LETS}
+{_lets(expiries)}
 {_VISIBLE}
 {_BEFORE}
 {_FLOORS}
@@ -147,10 +163,10 @@ def checkpoints_query(limit: int | None, with_values: bool, metadata_pairs: int 
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
         text += f"\n| take {int(limit)}"
-    return text + ";\nunion page, floors"
+    return text + ";\nunion page, floors, expiry_flags"
 
 
-def latest_query() -> str:
+def latest_query(expiries: bool = True) -> str:
     """The latest visible checkpoint of each (thread, namespace) asked for, with the
     threads' deletion times.
 
@@ -158,13 +174,13 @@ def latest_query() -> str:
     cache coalesces concurrent misses into it).
     """
     return f"""declare query_parameters({_CHECKPOINTS_PARAMS});
-{_TOMBSTONE_LETS}
+{_lets(expiries)}
 {_VISIBLE}
 {_FLOORS}
 let newest = visible
 | summarize arg_max(written_at, *) by thread_id, checkpoint_ns
 | project {_CK_COLUMNS};
-union newest, floors"""
+union newest, floors, expiry_flags"""
 
 
 def checkpoints_params(
@@ -259,6 +275,11 @@ revived"""
 #: the caller keeps the exact (thread, namespace, channel, version) keys. A blob a
 #: thread deletion covers comes back flagged ``hidden_``: a checkpoint that still
 #: names it is not returned (never a state with a value missing).
+def values_query(expiries: bool = True) -> str:
+    """:data:`VALUES_QUERY`, or without the expiry rule (:data:`_TOMBSTONE_LETS_NO_EXPIRY`)."""
+    return VALUES_QUERY if expiries else _VALUES_NO_EXPIRY
+
+
 VALUES_QUERY = f"""declare query_parameters(tids:dynamic, channels:dynamic, versions:dynamic, cids:dynamic);
 let all_threads = false;
 {_TOMBSTONE_LETS}
@@ -272,6 +293,7 @@ let writes = {WRITES.name}
 | where isnull(thread_deleted_at) or written_at > thread_deleted_at
 | project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at, hidden_ = false;
 union blobs, writes"""
+_VALUES_NO_EXPIRY = VALUES_QUERY.replace(_TOMBSTONE_LETS, _TOMBSTONE_LETS_NO_EXPIRY)
 
 
 
@@ -421,13 +443,26 @@ let writes = {WRITES.name}
 | join kind=leftouter dead_threads on thread_id
 | where isnull(thread_deleted_at) or written_at > thread_deleted_at
 | project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at;
-union heads, blobs, writes"""
+union heads, blobs, writes, expiry_flags"""
+_DELTA_HISTORY_NO_EXPIRY = DELTA_HISTORY_QUERY.replace(_TOMBSTONE_LETS, _TOMBSTONE_LETS_NO_EXPIRY)
+
+
+def delta_history_query(expiries: bool = True) -> str:
+    """:data:`DELTA_HISTORY_QUERY`, or without the expiry rule (then an ``expiry_flags`` row,
+    ``expiry_`` true, says an expiry applies: ask again with it)."""
+    return DELTA_HISTORY_QUERY if expiries else _DELTA_HISTORY_NO_EXPIRY
 
 
 def all_templates() -> list[tuple[str, str]]:
     """Every query shape, for the KQL checker and the embedded translator."""
     return [
         ("checkpoints", checkpoints_query(None, True)),
+        ("checkpoints_no_expiry", checkpoints_query(None, True, expiries=False)),
+        ("checkpoints_limit_no_expiry", checkpoints_query(READ_PAGE, True, expiries=False)),
+        ("checkpoint_headers_no_expiry", checkpoints_query(READ_PAGE, False, expiries=False)),
+        ("latest_no_expiry", latest_query(expiries=False)),
+        ("values_no_expiry", _VALUES_NO_EXPIRY),
+        ("delta_history_no_expiry", _DELTA_HISTORY_NO_EXPIRY),
         ("checkpoints_limit", checkpoints_query(10, True)),
         ("checkpoints_metadata", checkpoints_query(10, True, 2)),
         ("checkpoint_headers", checkpoints_query(None, False)),

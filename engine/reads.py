@@ -26,6 +26,16 @@ def _versions(value: Any) -> dict[str, str]:
     return {str(k): str(x) for k, x in v.items()}
 
 
+def flagged(rt: Any, rows: list[dict[str, Any]]) -> bool:
+    """Whether a read made without the expiry rule met an expiry (an ``expiry_flags`` row,
+    engine/kql.py): then the runtime applies the rule from now on, and the caller asks
+    again with it. A read made with the rule has no such row."""
+    if not any(r.get("expiry_") for r in rows):
+        return False
+    rt.expiries = True
+    return True
+
+
 def checkpoint_from_row(row: dict[str, Any]) -> CheckpointRec:
     meta = _dyn(row.get("metadata"))
     return CheckpointRec(

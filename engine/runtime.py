@@ -35,6 +35,9 @@ class Runtime:
     compaction_failures: int = 0
     last_compaction_error: BaseException | None = None
     query_limiter: anyio.CapacityLimiter | None = None
+    #: whether reads apply the ttl option's expiry rule (engine/kql.py _TOMBSTONE_LETS):
+    #: from the start with the ttl option, else from the first read that met an expiry
+    expiries: bool = False
     #: the spool when durability="spool" (engine/spool.py): the batcher admits puts to it
     spool: Any = None
     #: puts waiting for room before they take the fast path (``Engine.put``)

@@ -288,7 +288,7 @@ async def test_history_costs_one_backend_query(kind: str, held: bool) -> None:
         for channels in (["d"], ["d", "p", "nothing"]):
             backend.queries.clear()
             ours = await io.saver_call("get_delta_channel_history", config=latest, channels=channels)
-            assert backend.queries == [kql.DELTA_HISTORY_QUERY]
+            assert backend.queries == [kql.delta_history_query(expiries=False)]  # no ttl, no expiry met
             # the base class's walk: one get_tuple per ancestor, several queries
             backend.queries.clear()
             walked = await anyio.to_thread.run_sync(
@@ -455,7 +455,7 @@ async def test_history_on_both_anyio_backends(anyio_backend: str, held: bool) ->
             await saver.flush()
         backend.queries.clear()
         assert await saver.aget_delta_channel_history(config=cfg2, channels=["x"]) == expected_history
-        assert backend.queries == [kql.DELTA_HISTORY_QUERY]
+        assert backend.queries == [kql.delta_history_query(expiries=False)]  # no ttl, no expiry met
         # no DeltaChannel metadata: keep_latest keeps only the latest, and the walk stops there
         await saver.aprune(["t"], strategy="keep_latest")
         assert await saver.aget_delta_channel_history(config=cfg2, channels=["x"]) == {"x": {"writes": []}}

@@ -274,6 +274,28 @@ async def test_a_racing_write_on_another_replica_wins(anyio_backend: str) -> Non
             assert await messages(b, "t") == ["a", "b"]
 
 
+async def test_a_replica_without_the_ttl_option_honours_expiries(anyio_backend: str) -> None:
+    """A process without the ttl option reads without the expiry rule's joins until a read
+    meets an expiry: that read asks again with the rule, and every read after applies it,
+    whichever path (latest, list) met it first; a racing write still wins there."""
+    async with loopback() as srv:
+        plain = {"compaction_interval": 0}
+        async with saver_for(srv, **MANUAL) as a, saver_for(srv, **plain) as b, saver_for(srv, **plain) as c:
+            for t in ("t", "u"):
+                await turn(a, t, "a")
+            read_before = await b.aget_tuple(cfg("u"))
+            assert await history(c, "t") and not b.engine.runtime.expiries and not c.engine.runtime.expiries
+            await anyio.sleep(TTL + 0.2)
+            assert await a.engine.expire() == 2
+            assert await messages(b, "t") is None  # get_tuple met the expiry
+            assert b.engine.runtime.expiries
+            assert await history(c, "t") == []  # so did list
+            assert c.engine.runtime.expiries
+            await racing_turn(b, "u", read_before, "b")
+            assert await messages(b, "u") == ["a", "b"]
+            assert len(await history(c, "u")) == 2
+
+
 def test_expiry_queries_are_bounded() -> None:
     text = kql.expiry_query(50)
     assert "take 50" in text

@@ -35,7 +35,7 @@ from ..actor import Actor
 from ..clock import ThreadClock
 from ..errors import BackendError
 from ..messages import Accept, Forget, Ingested, QueryDone, Read, ReadSpec
-from ..reads import checkpoint_from_row, values_from_rows
+from ..reads import checkpoint_from_row, flagged, values_from_rows
 from ..retry import retrying
 from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, TouchRec, WriteRec, newer_write, to_micros
 from ..schema import SCOPE_RUN
@@ -503,13 +503,16 @@ class QueryCache(Actor):
         page: tuple[int, list[str]] | None = None
         while True:
             want = kql.READ_PAGE if limit is None else min(kql.READ_PAGE, limit - len(out))
-            text = kql.checkpoints_query(want, spec.with_values, len(spec.metadata))
             params = kql.checkpoints_params(
                 spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id, spec.before, before_at, page, spec.metadata
             )
-            rows = await rt.instruments.query(
-                msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
-            )
+            while True:  # twice when the read meets its first expiry (reads.flagged)
+                text = kql.checkpoints_query(want, spec.with_values, len(spec.metadata), rt.expiries)
+                rows = await rt.instruments.query(
+                    msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
+                )
+                if not flagged(rt, rows):
+                    break
             recs = _observe_checkpoints(rt.clock, rows, make)
             out.extend(recs)
             if len(recs) < want or (limit is not None and len(out) >= limit):
@@ -525,8 +528,9 @@ class QueryCache(Actor):
         writes: dict[Any, WriteRec] = {}
         for i in range(0, len(cands), kql.READ_PAGE):
             params = _values_params(cands[i : i + kql.READ_PAGE])
+            text = kql.values_query(rt.expiries)
             rows = await rt.instruments.query(
-                trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(kql.VALUES_QUERY, params))
+                trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(text, params))
             )
             b, w = _observe_values(rt.clock, values_from_rows(rows))
             blobs.update(b)
@@ -545,10 +549,14 @@ class QueryCache(Actor):
                     del self._waiting[ns]  # reads arriving from now on start the next batch
                 tids = sorted({r.spec.thread_ids[0] for r in batch.reads})  # type: ignore[index]
                 params = kql.checkpoints_params(tuple(tids), ns, None)
-                rows = await rt.instruments.query(
-                    batch.reads[0].trace, names.SPAN_QUERY_CHECKPOINTS,
-                    retrying(rt.config, lambda: rt.backend.query(kql.latest_query(), params)),
-                )
+                while True:  # twice when the read meets its first expiry (reads.flagged)
+                    text = kql.latest_query(rt.expiries)
+                    rows = await rt.instruments.query(
+                        batch.reads[0].trace, names.SPAN_QUERY_CHECKPOINTS,
+                        retrying(rt.config, lambda: rt.backend.query(text, params)),
+                    )
+                    if not flagged(rt, rows):
+                        break
                 result = _observe_checkpoints(rt.clock, rows, checkpoint_from_row)
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
             error = _read_error(exc)

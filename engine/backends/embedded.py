@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import functools
 import os
 import re
 import struct
@@ -42,6 +43,16 @@ _ARROW_TYPES = {STRING: pa.string(), DYNAMIC: pa.string(), LONG: pa.int64(), INT
 #: parsing KQL is the slow part of a first query, so it happens once per process
 _TRANSLATED: dict[str, Any] = {}
 _TRANSLATE_LOCK = threading.Lock()
+#: a datetime literal as engine/kql.py's literal() writes it (outside any string: the
+#: string literals are parameters by the time this is applied)
+_DATETIME_LITERAL = re.compile(r"datetime\((\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7})Z\)")
+#: the soft deletes' translations: one text per batch shape (how many tombstones of
+#: which scopes), a few in steady use; bounded, since shapes come and go
+@functools.lru_cache(maxsize=64)
+def _translate_command(text: str) -> Any:
+    return duckdb_kql.to_sql(text, schema={t.name: list(t.column_names) for t in TABLES})
+
+
 _DELETE_RE = re.compile(r"^\s*\.delete\s+table\s+(\w+)\s+records\s*<\|\s*(.*)$", re.S)
 
 #: stores open in this process: closed at interpreter exit if their saver never was
@@ -350,14 +361,25 @@ class EmbeddedBackend:
         from ..kql import literals_as_parameters
 
         # duckdb-kql splices a literal's text into SQL: each string literal becomes a
-        # declared parameter, decoded by the inverse of the one literal function
+        # declared parameter, decoded by the inverse of the one literal function, and so
+        # does each datetime literal; what remains is the same text for every batch of the
+        # same shape, so its translation (the slow part) is cached like a query's
         query, literals = literals_as_parameters(query)
-        if literals:
-            query = f"declare query_parameters({', '.join(f'{n}:string' for n in literals)});\n{query}"
-            params = {**params, **literals}
+        stamps: dict[str, dt.datetime] = {}
+
+        def stamp(m: re.Match[str]) -> str:
+            name = f"lit_at{len(stamps)}"
+            stamps[name] = dt.datetime.fromisoformat(m.group(1)[:26])
+            return name
+
+        query = _DATETIME_LITERAL.sub(stamp, query)
+        declared = [f"{n}:string" for n in literals] + [f"{n}:datetime" for n in stamps]
+        if declared:
+            query = f"declare query_parameters({', '.join(declared)});\n{query}"
+            params = {**params, **literals, **stamps}
         cur = self._cursor()
         try:
-            tr = duckdb_kql.to_sql(query, schema=self._schema)  # generated per batch: not cached
+            tr = _translate_command(query)
         except duckdb_kql.KqlError as exc:
             raise PermanentBackendError(f"command on the embedded store {self.path} failed: {_cause(exc)}") from exc
         cols = list(spec.column_names)
