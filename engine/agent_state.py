@@ -228,3 +228,8 @@ def plain_rows(f: StateFunction, rows: list[dict[str, Any]]) -> list[dict[str, A
     """The backend's rows as plain dicts of ``f.columns``, in the function's order:
     datetimes aware (UTC), durations ``timedelta``, lists for sets, ints for counts."""
     return [{c: _plain(r.get(c)) for c in f.columns} for r in rows]
+
+
+def provision_commands() -> str:
+    """The commands provision.kql ends with: every function's :func:`definition`."""
+    return "\n\n".join(definition(f) for f in FUNCTIONS)

@@ -520,13 +520,7 @@ class Engine:
     async def compact(self) -> int:
         """Run a compaction pass now (after a flush); returns tombstones compacted so far."""
         self._check()
-        await self._flush()
-        deleter = self._children["deleter"].current
-        assert isinstance(deleter, Deleter)
-        while deleter._compacting:
-            await anyio.sleep(0.01)
-        deleter._compacting = True
-        await deleter._compact()
+        await self._deleter_pass("_compacting", lambda d: d._compact())
         return self._states["deleter"].compacted  # type: ignore[no-any-return]
 
     async def expire(self) -> int:
@@ -535,13 +529,18 @@ class Engine:
         self._check()
         if self.config.ttl is None:
             raise UsageError("expire() needs the ttl option")
+        return await self._deleter_pass("_expiring", lambda d: d._expire())  # type: ignore[no-any-return]
+
+    async def _deleter_pass(self, busy: str, run: Any) -> Any:
+        """After a flush, once the deleter's pass of this kind (its ``busy`` flag) is not
+        running, run one in this task (the flag keeps its ticker's pass out meanwhile)."""
         await self._flush()
         deleter = self._children["deleter"].current
         assert isinstance(deleter, Deleter)
-        while deleter._expiring:
+        while getattr(deleter, busy):
             await anyio.sleep(0.01)
-        deleter._expiring = True
-        return await deleter._expire()
+        setattr(deleter, busy, True)
+        return await run(deleter)
 
     # -- fault injection and introspection -----------------------------------
 

@@ -110,7 +110,7 @@ class _State(TypedDict, total=False):
     log: Annotated[list[str], operator.add]
 
 
-def _pipeline(saver: Any, *, fail: bool = False, ask: bool = False) -> Any:
+def pipeline(saver: Any, *, fail: bool = False, ask: bool = False) -> Any:
     from langgraph.graph import END, START, StateGraph
     from langgraph.types import interrupt
 
@@ -135,7 +135,7 @@ def _pipeline(saver: Any, *, fail: bool = False, ask: bool = False) -> Any:
     return g.compile(checkpointer=saver)
 
 
-def _with_subgraph(saver: Any) -> Any:
+def with_subgraph(saver: Any) -> Any:
     from langgraph.graph import END, START, StateGraph
 
     sub = StateGraph(_State)
@@ -168,29 +168,29 @@ async def run_workload(saver: Any, threads: int) -> dict[str, Any]:
         tid = f"thread-{i:02d}"
         kind = i % 6
         if kind in (0, 1, 2):
-            await _pipeline(saver).ainvoke({"log": ["in"]}, _cfg(tid, f"run-{i:02d}a"))
+            await pipeline(saver).ainvoke({"log": ["in"]}, _cfg(tid, f"run-{i:02d}a"))
             done["ok"] += 1
             if i % 4 == 0:  # a second run on the same thread
-                await _pipeline(saver).ainvoke({"log": ["again"]}, _cfg(tid, f"run-{i:02d}b"))
+                await pipeline(saver).ainvoke({"log": ["again"]}, _cfg(tid, f"run-{i:02d}b"))
                 done["ok"] += 1
         elif kind == 3:
             try:
-                await _pipeline(saver, fail=True).ainvoke({"log": ["in"]}, _cfg(tid, f"run-{i:02d}a"))
+                await pipeline(saver, fail=True).ainvoke({"log": ["in"]}, _cfg(tid, f"run-{i:02d}a"))
             except RuntimeError:
                 done["error"] += 1
         elif kind == 4:
-            graph = _pipeline(saver, ask=True)
+            graph = pipeline(saver, ask=True)
             await graph.ainvoke({"log": ["in"]}, _cfg(tid, f"run-{i:02d}a"))
             done["interrupted"] += 1
             if i % 12 == 4:  # half of them are answered by a second run
                 await graph.ainvoke(Command(resume="yes"), _cfg(tid, f"run-{i:02d}b"))
                 done["resumed"] += 1
         else:
-            await _with_subgraph(saver).ainvoke({"log": ["in"]}, _cfg(tid, f"run-{i:02d}a"))
+            await with_subgraph(saver).ainvoke({"log": ["in"]}, _cfg(tid, f"run-{i:02d}a"))
             done["ok"] += 1
     # a fork: update_state on the checkpoint after the first node branches the history
     forked = "thread-01"
-    graph = _pipeline(saver)
+    graph = pipeline(saver)
     after_plan = [s async for s in graph.aget_state_history(_cfg(forked)) if s.metadata.get("step") == 1][-1]
     await graph.aupdate_state(after_plan.config, {"log": ["edited"]})
     done["forked"] = forked

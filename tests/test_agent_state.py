@@ -13,19 +13,18 @@ definitions run through duckdb-kql, and from the Kusto backend on the loopback e
 from __future__ import annotations
 
 import datetime as dt
-import operator
 import sys
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Any
 
 import duckdb_kql
 import pytest
-from langgraph.graph import END, START, StateGraph
-from langgraph.types import Command, interrupt
+from langgraph.types import Command
 
 from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
 from langgraph.checkpoint.kusto.engine import agent_state
 from langgraph.checkpoint.kusto.engine.errors import ConfigError
+from langgraph.checkpoint.kusto.loadtests.agent_dashboard import pipeline, with_subgraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -55,48 +54,6 @@ def anyio_backend() -> str:
 # --------------------------------------------------------------------------- the workload
 
 
-class S(TypedDict, total=False):
-    log: Annotated[list[str], operator.add]
-
-
-def pipeline(saver: Any, *, fail: bool = False, ask: bool = False) -> Any:
-    """START -> a -> b -> c -> END; b fails, or asks (interrupt), when told to."""
-
-    def node(name: str) -> Any:
-        def run(state: S) -> dict[str, Any]:
-            if name == "b" and fail:
-                raise RuntimeError("b failed")
-            if name == "b" and ask:
-                return {"log": [f"b:{interrupt('go on?')}"]}
-            return {"log": [name]}
-
-        return run
-
-    g = StateGraph(S)
-    for n in "abc":
-        g.add_node(n, node(n))
-    g.add_edge(START, "a")
-    g.add_edge("a", "b")
-    g.add_edge("b", "c")
-    g.add_edge("c", END)
-    return g.compile(checkpointer=saver)
-
-
-def with_subgraph(saver: Any) -> Any:
-    """START -> before -> sub (its own graph: one node, its checkpoints in a namespace) -> END."""
-    sub = StateGraph(S)
-    sub.add_node("inner", lambda s: {"log": ["inner"]})
-    sub.add_edge(START, "inner")
-    sub.add_edge("inner", END)
-    g = StateGraph(S)
-    g.add_node("before", lambda s: {"log": ["before"]})
-    g.add_node("sub", sub.compile())
-    g.add_edge(START, "before")
-    g.add_edge("before", "sub")
-    g.add_edge("sub", END)
-    return g.compile(checkpointer=saver)
-
-
 def run_cfg(thread: str, run: str | None = None, checkpoint_id: str | None = None) -> dict[str, Any]:
     conf: dict[str, Any] = {"thread_id": thread}
     if checkpoint_id:
@@ -115,7 +72,7 @@ async def write_workload(saver: AsyncKustoSaver) -> dict[str, Any]:
     await pipeline(saver, ask=True).ainvoke({"log": ["in"]}, run_cfg("asked", "r-ask"))
     await pipeline(saver, ask=True).ainvoke(Command(resume="yes"), run_cfg("asked", "r-resume"))
     await with_subgraph(saver).ainvoke({"log": ["in"]}, run_cfg("nested", "r-nested"))
-    # a fork: update_state on the checkpoint after "a" branches the history there
+    # a fork: update_state on the checkpoint after "plan" branches the history there
     forked = pipeline(saver)
     await forked.ainvoke({"log": ["in"]}, run_cfg("forked", "r-fork"))
     after_a = [s async for s in forked.aget_state_history(run_cfg("forked")) if s.metadata["step"] == 1][0]
@@ -137,19 +94,19 @@ async def write_workload(saver: AsyncKustoSaver) -> dict[str, Any]:
 
 #: thread -> (checkpoints in every namespace, namespaces, root loop steps, runs)
 EXPECTED_THREADS = {
-    # input, then one per super-step: __start__, a, b, c
+    # input, then one per super-step: __start__, plan, check, act
     "done": (5, 1, 4, 1),
-    # input, __start__, a; b raised: no checkpoint after it
+    # input, __start__, plan; check raised: no checkpoint after it
     "failed": (3, 1, 2, 1),
-    # input, __start__, a (interrupted in b) ; resumed: b, c
+    # input, __start__, plan (interrupted in check); resumed: check, act
     "asked": (5, 1, 4, 2),
-    # root: input, __start__, before, sub; the subgraph: its input, __start__, inner
+    # root: input, __start__, route, tools; the subgraph: its input, __start__, tool
     "nested": (7, 2, 3, 1),
     # a finished run, and update_state's checkpoint (source "update", no run)
     "forked": (6, 1, 4, 1),
     # keep_latest keeps the newest checkpoint
     "pruned": (1, 1, 1, 1),
-    # the second run only: its input, then __start__, a, b, c
+    # the second run only: its input, then __start__, plan, check, act
     "rerun": (5, 1, 4, 1),
 }
 
@@ -192,9 +149,9 @@ def check_answers(answers: dict[str, Any], written: dict[str, Any], ttl: dt.time
         if tid not in ("pruned", "rerun"):  # there the parent rows are gone, the links stay
             assert [r["parent_checkpoint_id"] for r in rows] == parents, tid
     nested = answers["history"]["nested"]
-    assert {r["checkpoint_ns"].split(":")[0] for r in nested} == {"", "sub"}
+    assert {r["checkpoint_ns"].split(":")[0] for r in nested} == {"", "tools"}
     assert [r["source"] for r in nested if r["checkpoint_ns"]] == ["input", "loop", "loop"]
-    # the failed run's last checkpoint holds b's error, the interrupted one b's interrupt
+    # the failed run's last checkpoint holds check's error, the interrupted one check's interrupt
     # and (written by the resuming run) the resume value
     assert "__error__" in answers["history"]["failed"][-1]["write_channels"]
     asked = answers["history"]["asked"]
@@ -247,7 +204,10 @@ async def ask_everything(saver: AsyncKustoSaver, ttl: dt.timedelta) -> dict[str,
 
 def test_provision_creates_every_function_as_written_here() -> None:
     commands = [c for _, c in provision_commands() if c.lstrip().startswith(".create-or-alter function")]
-    assert commands == [agent_state.definition(f) for f in agent_state.FUNCTIONS]
+    assert commands == [agent_state.definition(f) for f in agent_state.FUNCTIONS], (
+        "provision.kql's functions differ from engine/agent_state.py: replace them with the output of "
+        "python -c 'from langgraph.checkpoint.kusto.engine import agent_state as a; print(a.provision_commands())'"
+    )
     for f in agent_state.FUNCTIONS:
         assert f'folder = "{agent_state.FOLDER}"' in agent_state.definition(f) and f.doc
         assert f.name.startswith("LangGraph")
