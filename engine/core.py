@@ -32,7 +32,7 @@ from .clock import ThreadClock
 from .config import EngineConfig
 from .errors import EngineClosedError, EngineFailedError, IngestError, PutTimeoutError, UsageError
 from .messages import Accept, CopyThread, DeleteRuns, DeleterState, DeleteThreads, Flush, Prune, Put, Read, ReadSpec, Touch
-from .reads import checkpoint_from_row, delta_walk, flagged, values_from_rows
+from .reads import ask, checkpoint_from_row, delta_walk, values_from_rows
 from .records import BlobRec, Bundle, CheckpointRec, Record, WriteRec, newer_write, now_us
 from .retry import retrying
 from .runtime import Runtime
@@ -380,15 +380,7 @@ class Engine:
             limiter = rt.query_limiter
             assert limiter is not None
             async with limiter:
-                rows = await self.instruments.query(
-                    capture(), names.SPAN_QUERY_VALUES,
-                    retrying(rt.config, lambda: rt.backend.query(kql.delta_history_query(rt.expiries), params)),
-                )
-                if flagged(rt, rows):  # an expiry: ask again with the rule that decides it
-                    rows = await self.instruments.query(
-                        capture(), names.SPAN_QUERY_VALUES,
-                        retrying(rt.config, lambda: rt.backend.query(kql.delta_history_query(True), params)),
-                    )
+                rows = await ask(rt, capture(), names.SPAN_QUERY_VALUES, kql.delta_history_query, params)
             heads: dict[str, CheckpointRec] = {}
             value_rows = []
             for r in rows:

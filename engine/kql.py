@@ -68,8 +68,7 @@ let dead_threads = union
     (expiries | join kind=leftanti revived on thread_id, expired_at | project thread_id, deleted_at = expired_at)
 | summarize thread_deleted_at = max(deleted_at) by thread_id;
 let dead_checkpoints = tomb | where scope == "{SCOPE_CHECKPOINT}" | summarize checkpoint_deleted_at = max(deleted_at) by thread_id, checkpoint_ns, checkpoint_id;
-let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;
-let expiry_flags = tomb | where false | project thread_id, expiry_ = true;"""
+let dead_runs = tomb | where scope == "{SCOPE_RUN}" | distinct run_id;"""
 
 #: The same lets without the expiry rule, for a database that has no expiries (most:
 #: the ttl option is off): deciding whether a racing row revived an expired thread costs
@@ -84,7 +83,11 @@ let expiry_flags = tomb | where scope == "{SCOPE_EXPIRE}" | distinct thread_id |
 
 
 def _lets(expiries: bool) -> str:
-    return _TOMBSTONE_LETS if expiries else _TOMBSTONE_LETS_NO_EXPIRY
+    """The tombstone lets of a read that unions ``expiry_flags`` into its answer (none
+    with the expiry rule)."""
+    if expiries:
+        return _TOMBSTONE_LETS + "\nlet expiry_flags = tomb | where false | project thread_id, expiry_ = true;"
+    return _TOMBSTONE_LETS_NO_EXPIRY
 
 _CHECKPOINTS_PARAMS = (
     "tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string, "
@@ -275,11 +278,6 @@ revived"""
 #: the caller keeps the exact (thread, namespace, channel, version) keys. A blob a
 #: thread deletion covers comes back flagged ``hidden_``: a checkpoint that still
 #: names it is not returned (never a state with a value missing).
-def values_query(expiries: bool = True) -> str:
-    """:data:`VALUES_QUERY`, or without the expiry rule (:data:`_TOMBSTONE_LETS_NO_EXPIRY`)."""
-    return VALUES_QUERY if expiries else _VALUES_NO_EXPIRY
-
-
 VALUES_QUERY = f"""declare query_parameters(tids:dynamic, channels:dynamic, versions:dynamic, cids:dynamic);
 let all_threads = false;
 {_TOMBSTONE_LETS}
@@ -294,6 +292,11 @@ let writes = {WRITES.name}
 | project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at, hidden_ = false;
 union blobs, writes"""
 _VALUES_NO_EXPIRY = VALUES_QUERY.replace(_TOMBSTONE_LETS, _TOMBSTONE_LETS_NO_EXPIRY)
+
+
+def values_query(expiries: bool = True) -> str:
+    """:data:`VALUES_QUERY`, or without the expiry rule (:data:`_TOMBSTONE_LETS_NO_EXPIRY`)."""
+    return VALUES_QUERY if expiries else _VALUES_NO_EXPIRY
 
 
 
@@ -348,12 +351,17 @@ def literal(value: Any) -> str:
 _STRING_LITERAL = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
 
 
-def literals_as_parameters(text: str) -> tuple[str, dict[str, str]]:
-    """The inverse of :func:`kql_string_literal` over a command's text: every
-    double-quoted literal becomes a declared parameter ``lit0, lit1, ...`` (for
-    translators, such as duckdb-kql, that splice literal text into SQL). Only the
-    escapes :func:`kql_string_literal` writes are decoded."""
-    params: dict[str, str] = {}
+#: a datetime literal as :func:`literal` writes it
+_DATETIME_LITERAL = re.compile(r"datetime\((\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7})Z\)")
+
+
+def literals_as_parameters(text: str) -> tuple[str, dict[str, str | dt.datetime]]:
+    """The inverse of :func:`literal` over a command's text, for translators (such as
+    duckdb-kql) that splice literal text into SQL: every double-quoted literal becomes a
+    parameter ``lit0, lit1, ...`` (a str; only the escapes :func:`kql_string_literal`
+    writes are decoded), then every datetime literal a parameter ``lit_at0, ...`` (a naive
+    UTC datetime). What remains is the same text for every command of the same shape."""
+    params: dict[str, str | dt.datetime] = {}
 
     def sub(m: re.Match[str]) -> str:
         name = f"lit{len(params)}"
@@ -362,7 +370,15 @@ def literals_as_parameters(text: str) -> tuple[str, dict[str, str]]:
         ).encode("utf-16-le", "surrogatepass").decode("utf-16-le")
         return name
 
-    return _STRING_LITERAL.sub(sub, text), params
+    text = _STRING_LITERAL.sub(sub, text)  # first: a string may hold datetime-like text
+    strings = len(params)
+
+    def stamp(m: re.Match[str]) -> str:
+        name = f"lit_at{len(params) - strings}"
+        params[name] = dt.datetime.fromisoformat(m.group(1)[:26])  # 7 digits: the last is 0
+        return name
+
+    return _DATETIME_LITERAL.sub(stamp, text), params
 
 
 def compaction_command(table: str, tombs: list[TombstoneRec]) -> tuple[str, dict[str, Any]]:
@@ -429,7 +445,7 @@ LEASE_QUERY = f"""declare query_parameters(since:datetime, lease:string);
 #: stops at, and the pending writes to those channels. Tombstones are honoured by the
 #: checkpoint reads' own lets (one thread, one namespace).
 DELTA_HISTORY_QUERY = f"""declare query_parameters(tids:dynamic, all_threads:bool, ns:string, any_ns:bool, cid:string, channels:dynamic);
-{_TOMBSTONE_LETS}
+{_lets(True)}
 {_VISIBLE}
 let heads = visible
 | project kind_ = "checkpoint", thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, run_id, channel_versions, written_at;
@@ -444,7 +460,7 @@ let writes = {WRITES.name}
 | where isnull(thread_deleted_at) or written_at > thread_deleted_at
 | project kind_ = "write", thread_id, checkpoint_ns, checkpoint_id, channel, version = "", task_id, task_path, idx, payload_type, payload, chunk, chunks, written_at;
 union heads, blobs, writes, expiry_flags"""
-_DELTA_HISTORY_NO_EXPIRY = DELTA_HISTORY_QUERY.replace(_TOMBSTONE_LETS, _TOMBSTONE_LETS_NO_EXPIRY)
+_DELTA_HISTORY_NO_EXPIRY = DELTA_HISTORY_QUERY.replace(_lets(True), _lets(False))
 
 
 def delta_history_query(expiries: bool = True) -> str:

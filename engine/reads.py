@@ -5,11 +5,12 @@ Runs in the query cache's child tasks, never in its message loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
 
+from .retry import retrying
 from .records import BlobRec, CheckpointRec, WriteRec, json_bytes, newer_write, payload_bytes, to_micros
 
 
@@ -26,14 +27,19 @@ def _versions(value: Any) -> dict[str, str]:
     return {str(k): str(x) for k, x in v.items()}
 
 
-def flagged(rt: Any, rows: list[dict[str, Any]]) -> bool:
-    """Whether a read made without the expiry rule met an expiry (an ``expiry_flags`` row,
-    engine/kql.py): then the runtime applies the rule from now on, and the caller asks
-    again with it. A read made with the rule has no such row."""
-    if not any(r.get("expiry_") for r in rows):
-        return False
-    rt.expiries = True
-    return True
+async def ask(rt: Any, trace: Any, stage: str, template: Callable[[bool], str], params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One read query, ``template(rt.expiries)``, retried and timed (span ``stage`` under
+    ``trace``). A query made without the expiry rule that met an expiry (an
+    ``expiry_flags`` row, engine/kql.py) is asked again with it, and the runtime applies
+    the rule from then on; a query made with the rule has no such row."""
+    while True:
+        text = template(rt.expiries)
+        rows: list[dict[str, Any]] = await rt.instruments.query(
+            trace, stage, retrying(rt.config, lambda: rt.backend.query(text, params))
+        )
+        if not any(r.get("expiry_") for r in rows):
+            return rows
+        rt.expiries = True
 
 
 def checkpoint_from_row(row: dict[str, Any]) -> CheckpointRec:

@@ -62,6 +62,11 @@ def test_literal_writes_each_kind_as_kusto_reads_it() -> None:
         assert "\n" not in text and "\r" not in text and "\x00" not in text
         # the inverse the embedded store uses reads back exactly the value
         assert kql.literals_as_parameters(f"T | where a == {text}") == ("T | where a == lit0", {"lit0": value})
+    # datetimes too, after the strings (a string that looks like one stays a string)
+    when = dt.datetime(2024, 5, 6, 7, 8, 9, 123456)
+    looks = 'x"datetime(2020-01-01T00:00:00.0000000Z)'
+    text = f"T | where a == {kql.literal(looks)} and w < {kql.literal(when)}"
+    assert kql.literals_as_parameters(text) == ("T | where a == lit0 and w < lit_at0", {"lit0": looks, "lit_at0": when})
 
 
 @needs_node

@@ -35,8 +35,7 @@ from ..actor import Actor
 from ..clock import ThreadClock
 from ..errors import BackendError
 from ..messages import Accept, Forget, Ingested, QueryDone, Read, ReadSpec
-from ..reads import checkpoint_from_row, flagged, values_from_rows
-from ..retry import retrying
+from ..reads import ask, checkpoint_from_row, values_from_rows
 from ..records import BlobRec, Bundle, CheckpointRec, Record, TombstoneRec, TouchRec, WriteRec, newer_write, to_micros
 from ..schema import SCOPE_RUN
 
@@ -506,13 +505,10 @@ class QueryCache(Actor):
             params = kql.checkpoints_params(
                 spec.thread_ids, spec.checkpoint_ns, spec.checkpoint_id, spec.before, before_at, page, spec.metadata
             )
-            while True:  # twice when the read meets its first expiry (reads.flagged)
-                text = kql.checkpoints_query(want, spec.with_values, len(spec.metadata), rt.expiries)
-                rows = await rt.instruments.query(
-                    msg.trace, names.SPAN_QUERY_CHECKPOINTS, retrying(rt.config, lambda: rt.backend.query(text, params))
-                )
-                if not flagged(rt, rows):
-                    break
+            rows = await ask(
+                rt, msg.trace, names.SPAN_QUERY_CHECKPOINTS,
+                lambda expiries: kql.checkpoints_query(want, spec.with_values, len(spec.metadata), expiries), params,
+            )
             recs = _observe_checkpoints(rt.clock, rows, make)
             out.extend(recs)
             if len(recs) < want or (limit is not None and len(out) >= limit):
@@ -528,10 +524,7 @@ class QueryCache(Actor):
         writes: dict[Any, WriteRec] = {}
         for i in range(0, len(cands), kql.READ_PAGE):
             params = _values_params(cands[i : i + kql.READ_PAGE])
-            text = kql.values_query(rt.expiries)
-            rows = await rt.instruments.query(
-                trace, names.SPAN_QUERY_VALUES, retrying(rt.config, lambda: rt.backend.query(text, params))
-            )
+            rows = await ask(rt, trace, names.SPAN_QUERY_VALUES, kql.values_query, params)
             b, w = _observe_values(rt.clock, values_from_rows(rows))
             blobs.update(b)
             writes.update(w)
@@ -549,14 +542,7 @@ class QueryCache(Actor):
                     del self._waiting[ns]  # reads arriving from now on start the next batch
                 tids = sorted({r.spec.thread_ids[0] for r in batch.reads})  # type: ignore[index]
                 params = kql.checkpoints_params(tuple(tids), ns, None)
-                while True:  # twice when the read meets its first expiry (reads.flagged)
-                    text = kql.latest_query(rt.expiries)
-                    rows = await rt.instruments.query(
-                        batch.reads[0].trace, names.SPAN_QUERY_CHECKPOINTS,
-                        retrying(rt.config, lambda: rt.backend.query(text, params)),
-                    )
-                    if not flagged(rt, rows):
-                        break
+                rows = await ask(rt, batch.reads[0].trace, names.SPAN_QUERY_CHECKPOINTS, kql.latest_query, params)
                 result = _observe_checkpoints(rt.clock, rows, checkpoint_from_row)
         except Exception as exc:  # noqa: BLE001 - failed back to the readers
             error = _read_error(exc)

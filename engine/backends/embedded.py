@@ -43,9 +43,6 @@ _ARROW_TYPES = {STRING: pa.string(), DYNAMIC: pa.string(), LONG: pa.int64(), INT
 #: parsing KQL is the slow part of a first query, so it happens once per process
 _TRANSLATED: dict[str, Any] = {}
 _TRANSLATE_LOCK = threading.Lock()
-#: a datetime literal as engine/kql.py's literal() writes it (outside any string: the
-#: string literals are parameters by the time this is applied)
-_DATETIME_LITERAL = re.compile(r"datetime\((\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7})Z\)")
 #: the soft deletes' translations: one text per batch shape (how many tombstones of
 #: which scopes), a few in steady use; bounded, since shapes come and go
 @functools.lru_cache(maxsize=64)
@@ -360,23 +357,15 @@ class EmbeddedBackend:
             raise PermanentBackendError(f"no table {table!r}")
         from ..kql import literals_as_parameters
 
-        # duckdb-kql splices a literal's text into SQL: each string literal becomes a
-        # declared parameter, decoded by the inverse of the one literal function, and so
-        # does each datetime literal; what remains is the same text for every batch of the
-        # same shape, so its translation (the slow part) is cached like a query's
+        # duckdb-kql splices a literal's text into SQL: each literal becomes a declared
+        # parameter, decoded by the inverse of the one literal function; what remains is
+        # the same text for every batch of the same shape, so its translation (the slow
+        # part) is cached
         query, literals = literals_as_parameters(query)
-        stamps: dict[str, dt.datetime] = {}
-
-        def stamp(m: re.Match[str]) -> str:
-            name = f"lit_at{len(stamps)}"
-            stamps[name] = dt.datetime.fromisoformat(m.group(1)[:26])
-            return name
-
-        query = _DATETIME_LITERAL.sub(stamp, query)
-        declared = [f"{n}:string" for n in literals] + [f"{n}:datetime" for n in stamps]
-        if declared:
-            query = f"declare query_parameters({', '.join(declared)});\n{query}"
-            params = {**params, **literals, **stamps}
+        if literals:
+            declared = ", ".join(f"{n}:{'string' if isinstance(v, str) else 'datetime'}" for n, v in literals.items())
+            query = f"declare query_parameters({declared});\n{query}"
+            params = {**params, **literals}
         cur = self._cursor()
         try:
             tr = _translate_command(query)
